@@ -1,0 +1,258 @@
+"""PyTorch Sequencer weights (timm or the official repository) -> Flax variables.
+
+Library use::
+
+    variables = sequencer_jax.convert.from_torch_state_dict(state_dict, 'sequencer2d_s')
+
+Command line (writes an orbax checkpoint that ``evaluate`` and fine-tuning load)::
+
+    python -m sequencer_jax.convert --input sequencer2d_s.pth --model sequencer2d_s \
+        --output /tmp/sequencer2d_s_jax
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sequencer_jax.models import registry
+
+MODEL_INFO_FILE = 'model.json'
+PARAMS_DIR = 'params'
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, 'detach'):  # a torch.Tensor; torch itself is not imported here.
+        value = value.detach().cpu().float().numpy() if value.is_floating_point() \
+            else value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def official_to_timm_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Renames the official repository's keys to timm's (as timm's checkpoint_filter_fn).
+
+    Official: ``blocks.{stage}.{j}.*`` with the next stage's downsample conv at
+    ``blocks.{stage}.{depth}.down``, and ``head.*``. timm: ``stages.{stage}.blocks.{j}.*``,
+    ``stages.{stage + 1}.downsample.down``, ``head.fc.*``. timm keys pass unchanged.
+    """
+    for wrapper in ('model', 'state_dict', 'model_ema'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    if any(k.startswith('stages.') for k in state_dict):
+        return dict(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r'^blocks\.(\d+)\.(\d+)\.down\.',
+                     lambda m: f'stages.{int(m.group(1)) + 1}.downsample.down.', key)
+        key = re.sub(r'^blocks\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.', key)
+        key = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', key)
+        out[key] = value
+    return out
+
+
+_RNN_KEY = re.compile(r'^(.*)\.(weight_ih|weight_hh|bias_ih|bias_hh)_l0(_reverse)?$')
+_RNN_NAMES = {'weight_ih': 'w_ih', 'weight_hh': 'w_hh', 'bias_ih': 'b_ih', 'bias_hh': 'b_hh'}
+
+
+def _flax_path(timm_key: str) -> tuple[str, ...]:
+    """The Flax parameter path of one timm key (RNN keys handled separately)."""
+    key = timm_key
+    key = re.sub(r'^stem\.proj\.', 'stem.', key)
+    key = re.sub(r'^stages\.(\d+)\.downsample\.down\.', r'stages_\1_downsample.', key)
+    key = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages_\1_blocks_\2.', key)
+    key = re.sub(r'^head\.fc\.', 'head.', key)
+    parts = key.split('.')
+    if parts[-1] == 'weight':
+        parts[-1] = 'scale' if 'norm' in parts[-2] else 'kernel'
+    return tuple(parts)
+
+
+def _torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == 'kernel' and value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
+        return value.transpose(2, 3, 1, 0)
+    if path[-1] == 'kernel' and value.ndim == 2:  # linear [out, in] -> [in, out]
+        return value.T
+    return value
+
+
+def timm_to_flax_params(state_dict: Mapping[str, Any]) -> dict[tuple[str, ...], np.ndarray]:
+    """timm-named arrays -> flat Flax params {path: array}, before any shape check."""
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    rnn: dict[tuple[str, ...], dict[bool, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        value = _to_numpy(value)
+        m = _RNN_KEY.match(key)
+        if m:
+            path = _flax_path(m.group(1) + '.x')[:-1] + (_RNN_NAMES[m.group(2)],)
+            w = value.T if value.ndim == 2 else value
+            rnn.setdefault(path, {})[bool(m.group(3))] = w
+        else:
+            path = _flax_path(key)
+            flat[path] = _torch_layout(path, value)
+    for path, directions in rnn.items():
+        flat[path] = np.stack([directions[r] for r in sorted(directions)])
+    return flat
+
+
+def _expected_params(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    s = model.total_stride
+    grid = model.pos_embed_grid or (1, 1)
+    images = jnp.zeros((1, grid[0] * s, grid[1] * s, model.in_chans), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))
+    return traverse_util.flatten_dict(shapes['params'])
+
+
+def _num_classes(state_dict: Mapping[str, Any]) -> int:
+    head = state_dict.get('head.fc.weight')
+    return 0 if head is None else int(_to_numpy(head).shape[0])
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], name: str,
+                          num_classes: int | None = None,
+                          **overrides: Any) -> dict[str, Any]:
+    """Converts a PyTorch Sequencer state_dict into Flax variables ``{'params': ...}``.
+
+    Args:
+      state_dict: name -> array (numpy arrays or torch tensors), with timm's key names
+        or the official repository's (``model``/``state_dict`` wrappers are unwrapped).
+      name: the registered variant the weights belong to (``list_models()``).
+      num_classes: classifier width; inferred from the head weights when None.
+      **overrides: model options that change the parameter layout, e.g.
+        ``scan_blocks=True`` stacks each stage's blocks as ``nn.scan`` expects.
+
+    Raises:
+      ValueError: naming the missing, unexpected or wrongly shaped keys.
+    """
+    timm_sd = official_to_timm_keys(state_dict)
+    if num_classes is None:
+        num_classes = _num_classes(timm_sd)
+    scan_blocks = overrides.pop('scan_blocks', False)
+    model = registry.create_model(name, num_classes=num_classes, **overrides)
+    converted = timm_to_flax_params(timm_sd)
+    expected = _expected_params(model)
+    as_key = lambda path: '/'.join(path)  # noqa: E731
+    missing = sorted(as_key(p) for p in expected.keys() - converted.keys())
+    unexpected = sorted(as_key(p) for p in converted.keys() - expected.keys())
+    wrong = sorted(f'{as_key(p)}: got {converted[p].shape}, expected {expected[p].shape}'
+                   for p in expected.keys() & converted.keys()
+                   if converted[p].shape != expected[p].shape)
+    if missing or unexpected or wrong:
+        lines = [f'The state_dict does not match {name!r} with {num_classes} classes.']
+        if missing:
+            lines.append(f'Missing (no torch key maps to): {missing}')
+        if unexpected:
+            lines.append(f'Unexpected (Flax paths from torch keys): {unexpected}')
+        if wrong:
+            lines.append(f'Wrong shapes: {wrong}')
+        lines.append('Check the model name, or pass num_classes / overrides '
+                     '(e.g. bidirectional, union) matching the checkpoint.')
+        raise ValueError('\n'.join(lines))
+    params = {p: jnp.asarray(v, expected[p].dtype) for p, v in converted.items()}
+    params = traverse_util.unflatten_dict(params)
+    if scan_blocks:
+        params = stack_stage_blocks(params, model.layers)
+    return {'params': params}
+
+
+def stack_stage_blocks(params: dict[str, Any], layers) -> dict[str, Any]:
+    """Unrolled block params (``stages_i_blocks_j``) -> the ``scan_blocks=True`` layout.
+
+    Each stage's blocks become one subtree ``stages_i_blocks/block`` whose leaves carry a
+    leading axis of length ``layers[i]``.
+    """
+    params = dict(params)
+    for i, depth in enumerate(layers):
+        blocks = [params.pop(f'stages_{i}_blocks_{j}') for j in range(depth)]
+        params[f'stages_{i}_blocks'] = {
+            'block': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return params
+
+
+def load_state_dict_file(path: str) -> dict[str, Any]:
+    """Reads a state_dict from ``.pth``/``.pt`` (as data: ``weights_only=True``),
+    ``.safetensors`` or ``.npz`` (one array per key)."""
+    if not os.path.exists(path):
+        raise ValueError(f'No such checkpoint file: {path}')
+    if path.endswith('.npz'):
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    if path.endswith('.safetensors'):
+        from safetensors.numpy import load_file
+        return load_file(path)
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError('Reading .pth files needs PyTorch: pip install "sequencer-jax[torch]" '
+                         '(or convert the file to .safetensors elsewhere).') from e
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def save_converted(output_dir: str, name: str, num_classes: int, variables: dict[str, Any],
+                   model_args: dict[str, Any] | None = None) -> None:
+    """Writes ``variables`` as an orbax checkpoint plus ``model.json`` describing the model."""
+    import orbax.checkpoint as ocp
+    output_dir = os.path.abspath(output_dir)
+    params_dir = os.path.join(output_dir, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        raise ValueError(f'{params_dir} already exists; choose a new --output directory.')
+    os.makedirs(output_dir, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, variables)
+    with open(os.path.join(output_dir, MODEL_INFO_FILE), 'w') as f:
+        json.dump({'model': name, 'num_classes': num_classes,
+                   'model_args': model_args or {}}, f, indent=1)
+
+
+def load_converted(path: str):
+    """Reads a directory written by ``save_converted``: (Flax model, variables)."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    info_file = os.path.join(path, MODEL_INFO_FILE)
+    if not os.path.exists(info_file):
+        raise ValueError(f'{path} is not a converted checkpoint (no {MODEL_INFO_FILE}); '
+                         'create one with python -m sequencer_jax.convert.')
+    with open(info_file) as f:
+        info = json.load(f)
+    model = registry.create_model(info['model'], info['num_classes'], **info['model_args'])
+    with ocp.StandardCheckpointer() as ckptr:
+        variables = ckptr.restore(os.path.join(path, PARAMS_DIR))
+    return model, variables
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog='python -m sequencer_jax.convert',
+        description='Convert PyTorch Sequencer weights (timm or official) to an orbax '
+                    'checkpoint for sequencer-jax.')
+    parser.add_argument('--input', required=True, help='.pth, .pt, .safetensors or .npz file')
+    parser.add_argument('--model', required=True, choices=registry.list_models())
+    parser.add_argument('--output', required=True, help='new directory to write')
+    parser.add_argument('--num-classes', type=int, default=None,
+                        help='classifier width (default: read from the head weights)')
+    parser.add_argument('--model-args', default='{}',
+                        help='JSON object of architecture overrides for a custom-sized '
+                             'model, e.g. \'{"layers": [2, 2, 4, 2]}\'')
+    args = parser.parse_args(argv)
+    try:
+        model_args = json.loads(args.model_args)
+        state_dict = official_to_timm_keys(load_state_dict_file(args.input))
+        num_classes = args.num_classes if args.num_classes is not None \
+            else _num_classes(state_dict)
+        variables = from_torch_state_dict(state_dict, args.model, num_classes, **model_args)
+        save_converted(args.output, args.model, num_classes, variables, model_args)
+    except (ValueError, json.JSONDecodeError) as e:
+        parser.exit(2, f'error: {e}\n')
+    count = sum(x.size for x in jax.tree.leaves(variables))
+    print(f'Wrote {args.model} ({num_classes} classes, {count:,} parameters) to {args.output}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,416 @@
+"""Sequencer2D and Sequencer1D (Tatsunami & Taki, NeurIPS 2022) in Flax linen.
+
+Shapes are channels-last throughout: images ``[B, H, W, 3]``, patch grids ``[B, h, w, C]``.
+The module tree mirrors timm's ``Sequencer2d`` (``stem``, ``stages_i/downsample``,
+``stages_i/blocks_j/{norm1, rnn_tokens, norm2, mlp_channels}``, ``norm``, ``head``) so
+that PyTorch weights map one to one (see ``sequencer_jax.convert``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sequencer_jax.models import recurrent
+
+Array = jax.Array
+
+UNIONS = ('cat', 'add', 'vertical', 'horizontal')
+TOKEN_MIXERS = ('2d', '1d')
+DROP_PATH_SCHEDULES = ('linear', 'constant')
+LAYER_NORM_EPS = 1e-6
+
+_xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f'Unknown {what} {value!r}; expected one of {list(choices)}.')
+
+
+def drop_path(x: Array, rate, *, deterministic: bool, rng: Array | None) -> Array:
+    """Stochastic depth: drops whole residual branches per example. x: [B, ...].
+
+    ``rate`` may be a traced scalar (blocks under ``nn.scan`` each get their own).
+    """
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class LinearWeights(nn.Module):
+    """Kernel ``[in, out]`` (xavier-uniform) and zero bias ``[out]`` of a linear layer.
+
+    Used where the layer is applied piecewise by einsums rather than to one tensor.
+    """
+
+    features: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
+        kernel = self.param('kernel', _xavier_uniform, (in_features, self.features),
+                            self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+        return kernel, bias
+
+
+class BiRNN2D(nn.Module):
+    """Sequencer's BiLSTM2D token mixer, generalised to every ablation of the paper.
+
+    ``x [B, H, W, C] -> [B, H, W, C]`` (or ``[B, H, W, union width]`` without fc).
+    The vertical pass runs along H for every column, the horizontal pass along W for
+    every row; on square grids both passes and both directions share one scan.
+
+    Attributes:
+      hidden_size: D, the hidden size of each recurrence.
+      cell: 'lstm', 'gru' or 'rnn'.
+      bidirectional: run each axis in both directions (outputs concatenated).
+      union: 'cat' or 'add' the two axes, or use only 'vertical' / 'horizontal'.
+      with_fc: fuse with a Linear back to C channels; without it the union's width
+        must already equal C.
+      fuse_axes: share one scan between the two axes when H == W.
+      unroll: scan steps unrolled per iteration.
+    """
+
+    hidden_size: int
+    cell: str = 'lstm'
+    bidirectional: bool = True
+    union: str = 'cat'
+    with_fc: bool = True
+    fuse_axes: bool = True
+    unroll: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        _check_choice('union', self.union, UNIONS)
+        recurrent.get_cell(self.cell)
+        super().__post_init__()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def union_width(self) -> int:
+        axis_width = self.num_directions * self.hidden_size
+        return 2 * axis_width if self.union == 'cat' else axis_width
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        if not self.with_fc and self.union_width() != c:
+            raise ValueError(
+                f'BiRNN2D without fc must output its input width: union {self.union!r} of '
+                f'{self.num_directions} direction(s) x hidden {self.hidden_size} gives '
+                f'{self.union_width()} channels, but the input has {c}. Set with_fc=True '
+                'or choose hidden_size accordingly.')
+        cell = recurrent.get_cell(self.cell)
+        kd = self.num_directions
+        reverse = (False, True)[:kd]
+        weights = {}
+        if self.union != 'horizontal':
+            weights['v'] = recurrent.RecurrentWeights(
+                self.hidden_size, self.cell, kd, self.param_dtype, name='rnn_v')(c)
+        if self.union != 'vertical':
+            weights['h'] = recurrent.RecurrentWeights(
+                self.hidden_size, self.cell, kd, self.param_dtype, name='rnn_h')(c)
+        # Time-major gate layouts: vertical [H, K, B, W, G], horizontal [W, K, B, H, G].
+        specs = {'v': 'bhwc,kcg->hkbwg', 'h': 'bhwc,kcg->wkbhg'}
+        gates = {a: recurrent.input_gates(specs[a], x, wt, cell, self.dtype)
+                 for a, wt in weights.items()}
+        run = lambda gx, wt, rev: recurrent.run_recurrence(  # noqa: E731
+            gx.reshape(gx.shape[0], gx.shape[1], -1, gx.shape[-1]), wt, cell, rev,
+            unroll=self.unroll, dtype=self.dtype)
+        if len(weights) == 2 and h == w and self.fuse_axes:
+            hs = run(jnp.concatenate([gates['v'], gates['h']], axis=1),
+                     recurrent.concat_weights([weights['v'], weights['h']]), reverse * 2)
+            outputs = {'v': hs[:, :kd], 'h': hs[:, kd:]}
+        else:
+            outputs = {a: run(gx, weights[a], reverse) for a, gx in gates.items()}
+        # hs are [T, K, B*other, D]; name their axes for the einsums below.
+        outputs['v'] = outputs['v'].reshape(h, kd, b, w, -1) if 'v' in outputs else None
+        outputs['h'] = outputs['h'].reshape(w, kd, b, h, -1) if 'h' in outputs else None
+        layouts = {'v': 'hkbwd', 'h': 'wkbhd'}
+        present = [a for a in ('v', 'h') if outputs[a] is not None]
+        if self.with_fc:
+            kernel, bias = LinearWeights(c, self.param_dtype, name='fc')(self.union_width())
+            kernel = kernel.astype(self.dtype).reshape(-1, kd, self.hidden_size, c)
+            # 'cat' has a kernel block per axis; the other unions share one block.
+            y = sum(jnp.einsum(f'{layouts[a]},kdc->bhwc', outputs[a].astype(self.dtype),
+                               kernel[i if self.union == 'cat' else 0])
+                    for i, a in enumerate(present))
+            return y + bias.astype(self.dtype)
+        parts = [jnp.einsum(f'{layouts[a]}->bhwkd', outputs[a]).reshape(b, h, w, -1)
+                 for a in present]
+        y = jnp.concatenate(parts, axis=-1) if self.union == 'cat' else sum(parts)
+        return y.astype(self.dtype)
+
+
+class BiRNN1D(nn.Module):
+    """The vanilla Sequencer's token mixer: one BiRNN over the flattened patch sequence.
+
+    ``x [B, H, W, C] -> [B, H, W, K*D]`` (rows first, as ``x.view(B, -1, C)`` in torch).
+    """
+
+    hidden_size: int
+    cell: str = 'lstm'
+    bidirectional: bool = True
+    unroll: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        recurrent.get_cell(self.cell)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        cell = recurrent.get_cell(self.cell)
+        kd = 2 if self.bidirectional else 1
+        if kd * self.hidden_size != c:
+            raise ValueError(
+                f'BiRNN1D outputs {kd} direction(s) x hidden {self.hidden_size} = '
+                f'{kd * self.hidden_size} channels, but its input has {c}; the residual '
+                f'needs them equal. Use hidden_size={c // kd}.')
+        weights = recurrent.RecurrentWeights(
+            self.hidden_size, self.cell, kd, self.param_dtype, name='rnn')(c)
+        gx = recurrent.input_gates('bhwc,kcg->hwkbg', x, weights, cell, self.dtype)
+        hs = recurrent.run_recurrence(gx.reshape(h * w, kd, b, -1), weights, cell,
+                                      (False, True)[:kd], unroll=self.unroll,
+                                      dtype=self.dtype)
+        return jnp.einsum('lkbd->blkd', hs).reshape(b, h, w, -1).astype(self.dtype)
+
+
+class MLP(nn.Module):
+    """Channel MLP: Linear -> GELU (erf) -> Dropout -> Linear -> Dropout. [..., C]."""
+
+    hidden_features: int
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        out_features = x.shape[-1]
+        # timm initialises MLP biases with N(0, 1e-6), not zeros.
+        dense = lambda f, name: nn.Dense(  # noqa: E731
+            f, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier_uniform,
+            bias_init=nn.initializers.normal(1e-6), name=name)
+        x = dense(self.hidden_features, 'fc1')(x)
+        x = nn.gelu(x, approximate=False)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = dense(out_features, 'fc2')(x)
+        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+
+class SequencerBlock(nn.Module):
+    """x + DropPath(mixer(LN(x))); x + DropPath(MLP(LN(x))). [B, H, W, C] -> same."""
+
+    hidden_size: int
+    mlp_ratio: float = 3.0
+    token_mixer: str = '2d'
+    cell: str = 'lstm'
+    bidirectional: bool = True
+    union: str = 'cat'
+    with_fc: bool = True
+    fuse_axes: bool = True
+    unroll: int = 1
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, drop_path_rate=0.0) -> Array:
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.token_mixer == '2d':
+            mixer = BiRNN2D(self.hidden_size, self.cell, self.bidirectional, self.union,
+                            self.with_fc, self.fuse_axes, self.unroll, self.dtype,
+                            self.param_dtype, name='rnn_tokens')
+        else:
+            mixer = BiRNN1D(self.hidden_size, self.cell, self.bidirectional, self.unroll,
+                            self.dtype, self.param_dtype, name='rnn_tokens')
+        mlp = MLP(int(self.mlp_ratio * x.shape[-1]), self.drop_rate, self.dtype,
+                  self.param_dtype, name='mlp_channels')
+        rng = lambda: self.make_rng('dropout') if train else None  # noqa: E731
+        x = x + drop_path(mixer(norm('norm1')(x)), drop_path_rate, deterministic=not train,
+                          rng=rng())
+        return x + drop_path(mlp(norm('norm2')(x), train), drop_path_rate,
+                             deterministic=not train, rng=rng())
+
+
+class _ScannedBlock(nn.Module):
+    """Adapts SequencerBlock to ``nn.scan``'s (carry, xs) -> (carry, ys) form."""
+
+    block: dict
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: Array, drop_path_rate: Array):
+        return SequencerBlock(**self.block, name='block')(x, self.train, drop_path_rate), None
+
+
+class Sequencer(nn.Module):
+    """A Sequencer network: patch stem, four stages of Sequencer blocks, norm, pool, head.
+
+    ``__call__``: images ``[B, H, W, in_chans]`` (normalised) -> logits
+    ``[B, num_classes]``, or pooled features ``[B, C]`` when ``num_classes == 0``.
+    ``features``: the same images -> the four stage outputs ``[B, h_i, w_i, C_i]``.
+    H and W must be divisible by the total stride ``prod(patch_sizes)``.
+    """
+
+    layers: Sequence[int] = (4, 3, 8, 3)
+    patch_sizes: Sequence[int] = (7, 2, 1, 1)
+    embed_dims: Sequence[int] = (192, 384, 384, 384)
+    hidden_sizes: Sequence[int] = (48, 96, 96, 96)
+    mlp_ratios: Sequence[float] = (3.0, 3.0, 3.0, 3.0)
+    num_classes: int = 1000
+    in_chans: int = 3
+    token_mixer: str = '2d'
+    cell: str = 'lstm'
+    bidirectional: bool = True
+    union: str = 'cat'
+    with_fc: bool = True
+    pos_embed_grid: Sequence[int] | None = None
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    drop_path_schedule: str = 'linear'
+    fuse_axes: bool = True
+    unroll: int = 1
+    remat: bool = False
+    scan_blocks: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        lengths = {len(v) for v in (self.layers, self.patch_sizes, self.embed_dims,
+                                    self.hidden_sizes, self.mlp_ratios)}
+        if len(lengths) != 1:
+            raise ValueError('layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios '
+                             'must have one entry per stage.')
+        _check_choice('token mixer', self.token_mixer, TOKEN_MIXERS)
+        _check_choice('union', self.union, UNIONS)
+        _check_choice('drop path schedule', self.drop_path_schedule, DROP_PATH_SCHEDULES)
+        recurrent.get_cell(self.cell)
+        if self.num_classes < 0:
+            raise ValueError(f'num_classes must be >= 0, got {self.num_classes}.')
+        super().__post_init__()
+
+    @property
+    def total_stride(self) -> int:
+        return math.prod(self.patch_sizes)
+
+    def drop_path_rates(self) -> list[list[float]]:
+        """Per-stage, per-block stochastic depth rates.
+
+        'linear' rises from 0 to ``drop_path_rate`` over all blocks (the official
+        repository); 'constant' uses ``drop_path_rate`` everywhere (timm).
+        """
+        total = sum(self.layers)
+        rates, start = [], 0
+        for depth in self.layers:
+            if self.drop_path_schedule == 'constant':
+                rates.append([self.drop_path_rate] * depth)
+            else:
+                rates.append([self.drop_path_rate * (start + j) / max(total - 1, 1)
+                              for j in range(depth)])
+            start += depth
+        return rates
+
+    def _check_input(self, x: Array) -> None:
+        if x.ndim != 4 or x.shape[-1] != self.in_chans:
+            raise ValueError(f'Expected images [B, H, W, {self.in_chans}] (channels last), '
+                             f'got shape {tuple(x.shape)}.')
+        s = self.total_stride
+        if x.shape[1] % s or x.shape[2] % s:
+            raise ValueError(
+                f'Image sides must be divisible by the total stride {s} '
+                f'(patch sizes {tuple(self.patch_sizes)}), got {x.shape[1]}x{x.shape[2]}. '
+                f'Resize or crop to e.g. {x.shape[1] // s * s or s}x'
+                f'{x.shape[2] // s * s or s}.')
+
+    def _block_kwargs(self, stage: int) -> dict:
+        return dict(hidden_size=self.hidden_sizes[stage], mlp_ratio=self.mlp_ratios[stage],
+                    token_mixer=self.token_mixer, cell=self.cell,
+                    bidirectional=self.bidirectional, union=self.union, with_fc=self.with_fc,
+                    fuse_axes=self.fuse_axes, unroll=self.unroll, drop_rate=self.drop_rate,
+                    dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _conv(self, stage: int, name: str) -> nn.Conv:
+        p = self.patch_sizes[stage]
+        return nn.Conv(self.embed_dims[stage], (p, p), strides=(p, p), padding='VALID',
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def _pos_embed(self, x: Array) -> Array:
+        grid = tuple(self.pos_embed_grid)
+        pos = self.param('absolute_pos_embed', nn.initializers.truncated_normal(0.02),
+                         (1, *grid, x.shape[-1]), self.param_dtype)
+        if x.shape[1:3] != grid:
+            # Another resolution: resample the learned grid to the new one.
+            pos = jax.image.resize(pos, (1, *x.shape[1:3], x.shape[-1]), 'bilinear')
+        return x + pos.astype(self.dtype)
+
+    def _stage(self, x: Array, stage: int, train: bool) -> Array:
+        rates = self.drop_path_rates()[stage]
+        kwargs = self._block_kwargs(stage)
+        if self.scan_blocks:
+            body = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            scanned = nn.scan(body, variable_axes={'params': 0},
+                              split_rngs={'params': True, 'dropout': True},
+                              in_axes=0, length=len(rates))
+            x, _ = scanned(kwargs, train, name=f'stages_{stage}_blocks')(
+                x, jnp.asarray(rates, jnp.float32))
+            return x
+        block_cls = nn.remat(SequencerBlock, static_argnums=(2,)) if self.remat \
+            else SequencerBlock
+        for j, rate in enumerate(rates):
+            x = block_cls(**kwargs, name=f'stages_{stage}_blocks_{j}')(x, train, rate)
+        return x
+
+    def features(self, x: Array, train: bool = False) -> list[Array]:
+        """Images [B, H, W, in_chans] -> the four stage outputs [B, h_i, w_i, C_i]."""
+        return self(x, train, return_features=True)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        self._check_input(x)
+        x = self._conv(0, 'stem')(x.astype(self.dtype))
+        if self.pos_embed_grid is not None:
+            x = self._pos_embed(x)
+        stage_outputs = []
+        for stage in range(len(self.layers)):
+            if stage > 0:
+                x = self._conv(stage, f'stages_{stage}_downsample')(x)
+            x = self._stage(x, stage, train)
+            stage_outputs.append(x)
+        if return_features:
+            return stage_outputs
+        x = nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name='norm')(x)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.zeros, name='head')(x)
+
+
+class Sequencer2D(Sequencer):
+    """Sequencer with BiRNN2D token mixing (the paper's main model)."""
+
+
+class Sequencer1D(Sequencer):
+    """The vanilla Sequencer: one BiRNN over the flattened patch sequence, no fc."""
+
+    patch_sizes: Sequence[int] = (14, 1, 1, 1)
+    embed_dims: Sequence[int] = (384, 384, 384, 384)
+    hidden_sizes: Sequence[int] = (192, 192, 192, 192)
+    token_mixer: str = '1d'

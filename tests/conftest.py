@@ -1,0 +1,48 @@
+"""Shared test set-up: 8 fake CPU devices for sharding tests, and common fixtures."""
+
+import json
+import os
+
+# Must happen before jax is imported anywhere in the test session.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'timm_parity.npz')
+
+
+class TimmFixture:
+    """The committed timm fixture: tiny models' weights, images and reference logits."""
+
+    def __init__(self, path: str = FIXTURE):
+        self._data = np.load(path)
+        self.meta = json.loads(self._data['meta'].tobytes())
+
+    @property
+    def cases(self) -> list[str]:
+        return list(self.meta['cases'])
+
+    def case(self, name: str) -> dict:
+        return self.meta['cases'][name]
+
+    def state_dict(self, name: str) -> dict[str, np.ndarray]:
+        flat = self._data[f'{name}/weights'].astype(np.float32)
+        out, start = {}, 0
+        for key, shape in self.case(name)['keys']:
+            size = int(np.prod(shape))
+            out[key] = flat[start:start + size].reshape(shape)
+            start += size
+        return out
+
+    def images(self, h: int, w: int) -> np.ndarray:
+        return self._data[f'images_{h}x{w}'].astype(np.float32)
+
+    def logits(self, name: str, h: int, w: int) -> np.ndarray:
+        return self._data[f'{name}/logits_{h}x{w}']
+
+
+@pytest.fixture(scope='session')
+def timm_fixture() -> TimmFixture:
+    return TimmFixture()

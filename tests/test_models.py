@@ -1,0 +1,280 @@
+"""Models: parameter counts, parity with timm (committed fixture), options, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sequencer_jax as sj
+from sequencer_jax import convert
+
+# Counted from the PyTorch references (timm, and the official repository's ablations
+# built in tests/torch_reference.py); test_torch_parity.py re-counts them live.
+PARAM_COUNTS = {
+    'gru_sequencer2d_s': 24_874_600,
+    'rnn_sequencer2d_s': 19_320_424,
+    'sequencer2d_l': 54_298_216,
+    'sequencer2d_l_d4_3x': 96_252_392,
+    'sequencer2d_m': 38_307_688,
+    'sequencer2d_s': 27_651_688,
+    'sequencer2d_s_add': 26_545_768,
+    'sequencer2d_s_h2x': 45_395_560,
+    'sequencer2d_s_horizontal': 27_645_544,
+    'sequencer2d_s_unidirectional': 20_991_592,
+    'sequencer2d_s_without_fc': 25_433_704,
+    'sequencer2d_vertical': 27_645_544,
+    'v_sequencer_s': 33_016_552,
+    'v_sequencer_s_h': 27_645_544,
+    'v_sequencer_s_pe': 33_114_856,
+}
+
+
+def param_count(model, size=224):
+    images = jnp.zeros((1, size, size, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_registry_lists_every_variant():
+    assert sj.list_models() == sorted(PARAM_COUNTS)
+
+
+@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_parameter_count_equals_reference(name):
+    assert param_count(sj.create_model(name, num_classes=1000)) == PARAM_COUNTS[name]
+
+
+def _fixture_model(timm_fixture, case, **extra):
+    info = timm_fixture.case(case)
+    model = sj.create_model(info['variant'], num_classes=timm_fixture.meta['num_classes'],
+                            **info['overrides'], **extra)
+    return model, info
+
+
+@pytest.mark.parametrize('case', [
+    'sequencer2d_s', 'sequencer2d_s_unidirectional', 'sequencer2d_s_add',
+    'sequencer2d_s_without_fc', 'sequencer2d_vertical', 'sequencer2d_s_horizontal',
+    'gru_sequencer2d_s', 'rnn_sequencer2d_s', 'v_sequencer_s_pe', 'v_sequencer_s_h'])
+def test_logits_equal_reference(timm_fixture, case):
+    model, info = _fixture_model(timm_fixture, case)
+    variables = convert.from_torch_state_dict(timm_fixture.state_dict(case), info['variant'],
+                                              **info['overrides'])
+    assert len(info['sizes']) >= 1
+    for h, w in info['sizes']:
+        logits = model.apply(variables, timm_fixture.images(h, w))
+        ref = timm_fixture.logits(case, h, w)
+        assert logits.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0)
+
+
+def _official_keys(state_dict, layers):
+    """timm key names -> the official repository's (the inverse of timm's filter)."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split('.')
+        if parts[0] == 'stages' and parts[2] == 'downsample':
+            stage = int(parts[1]) - 1
+            key = '.'.join(['blocks', str(stage), str(layers[stage])] + parts[3:])
+        elif parts[0] == 'stages':
+            key = '.'.join(['blocks', parts[1]] + parts[3:])
+        elif parts[:2] == ['head', 'fc']:
+            key = '.'.join(['head'] + parts[2:])
+        out[key] = value
+    return out
+
+
+def test_official_key_names_convert_identically(timm_fixture):
+    model, info = _fixture_model(timm_fixture, 'sequencer2d_s')
+    sd = timm_fixture.state_dict('sequencer2d_s')
+    official = _official_keys(sd, model.layers)
+    assert 'blocks.1.1.down.weight' in official and 'head.weight' in official
+    a = convert.from_torch_state_dict(sd, 'sequencer2d_s', **info['overrides'])
+    b = convert.from_torch_state_dict({'model': official}, 'sequencer2d_s', **info['overrides'])
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_scan_blocks_and_remat_equal_unrolled(timm_fixture):
+    model, info = _fixture_model(timm_fixture, 'sequencer2d_s')
+    sd = timm_fixture.state_dict('sequencer2d_s')
+    images = timm_fixture.images(42, 42)
+    ref = model.apply(convert.from_torch_state_dict(sd, 'sequencer2d_s', **info['overrides']),
+                      images)
+    for extra in (dict(scan_blocks=True), dict(scan_blocks=True, remat=True), dict(remat=True)):
+        variant, _ = _fixture_model(timm_fixture, 'sequencer2d_s', **extra)
+        variables = convert.from_torch_state_dict(sd, 'sequencer2d_s', **info['overrides'],
+                                                  scan_blocks=extra['scan_blocks'] if
+                                                  'scan_blocks' in extra else False)
+        np.testing.assert_allclose(variant.apply(variables, images), ref, atol=1e-5)
+
+
+def test_scan_blocks_gradients_equal_unrolled(timm_fixture):
+    model, info = _fixture_model(timm_fixture, 'sequencer2d_s')
+    scanned, _ = _fixture_model(timm_fixture, 'sequencer2d_s', scan_blocks=True, remat=True)
+    sd = timm_fixture.state_dict('sequencer2d_s')
+    images = timm_fixture.images(42, 42)
+    v_unrolled = convert.from_torch_state_dict(sd, 'sequencer2d_s', **info['overrides'])
+    v_scanned = convert.from_torch_state_dict(sd, 'sequencer2d_s', **info['overrides'],
+                                              scan_blocks=True)
+    loss = lambda m: lambda v: jnp.sum(m.apply(v, images) ** 2)  # noqa: E731
+    g_unrolled = jax.grad(loss(model))(v_unrolled)
+    g_scanned = jax.grad(loss(scanned))(v_scanned)
+    g_restacked = convert.stack_stage_blocks(g_unrolled['params'], model.layers)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                 g_restacked, g_scanned['params'])
+
+
+def test_fused_axes_equal_separate_scans(timm_fixture):
+    model, info = _fixture_model(timm_fixture, 'sequencer2d_s')
+    separate, _ = _fixture_model(timm_fixture, 'sequencer2d_s', fuse_axes=False)
+    variables = convert.from_torch_state_dict(timm_fixture.state_dict('sequencer2d_s'),
+                                              'sequencer2d_s', **info['overrides'])
+    images = timm_fixture.images(42, 42)
+    np.testing.assert_allclose(model.apply(variables, images),
+                               separate.apply(variables, images), atol=1e-6)
+
+
+TINY = dict(layers=(1, 1, 2, 1), embed_dims=(16, 24, 24, 24), hidden_sizes=(4, 6, 6, 6))
+
+
+def test_features_and_pooled_outputs():
+    model = sj.create_model('sequencer2d_s', num_classes=0, **TINY)
+    images = jnp.ones((2, 56, 84, 3))
+    variables = model.init(jax.random.PRNGKey(0), images)
+    feats = model.apply(variables, images, method='features')
+    assert [f.shape for f in feats] == [(2, 8, 12, 16), (2, 4, 6, 24), (2, 4, 6, 24),
+                                        (2, 4, 6, 24)]
+    assert model.apply(variables, images).shape == (2, 24)
+
+
+def test_any_resolution_same_weights():
+    model = sj.create_model('sequencer2d_s', num_classes=3, **TINY)
+    variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))
+    for h, w in [(14, 14), (28, 28), (70, 42), (112, 98)]:
+        assert model.apply(variables, jnp.ones((1, h, w, 3))).shape == (1, 3)
+
+
+def test_drop_path_schedules():
+    linear = sj.create_model('sequencer2d_s', drop_path_rate=0.3, layers=(1, 1, 2, 1))
+    rates = linear.drop_path_rates()
+    assert [len(r) for r in rates] == [1, 1, 2, 1]
+    np.testing.assert_allclose(sum(rates, []), [0.0, 0.075, 0.15, 0.225, 0.3])
+    constant = sj.create_model('sequencer2d_s', drop_path_rate=0.3, layers=(1, 1, 2, 1),
+                               drop_path_schedule='constant')
+    assert sum(constant.drop_path_rates(), []) == [0.3] * 5
+
+
+def test_drop_path_is_random_in_training_only():
+    model = sj.create_model('sequencer2d_s', num_classes=0, drop_path_rate=0.5,
+                            drop_path_schedule='constant', **TINY)
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 3))
+    variables = model.init(jax.random.PRNGKey(0), images)
+    train = lambda seed: model.apply(variables, images, train=True,  # noqa: E731
+                                     rngs={'dropout': jax.random.PRNGKey(seed)})
+    np.testing.assert_array_equal(train(0), train(0))
+    assert not np.allclose(train(0), train(1))
+    np.testing.assert_array_equal(model.apply(variables, images),
+                                  model.apply(variables, images, train=False))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = sj.create_model('sequencer2d_s', num_classes=3, dtype=jnp.bfloat16, **TINY)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
+    variables = model.init(jax.random.PRNGKey(0), images)
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
+    ref = sj.create_model('sequencer2d_s', num_classes=3, **TINY).apply(variables, images)
+    out = model.apply(variables, images)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=5e-2)
+
+
+@pytest.mark.parametrize('cell', ['lstm', 'gru', 'rnn'])
+def test_gradients_are_finite_and_nonzero(cell):
+    model = sj.create_model('sequencer2d_s', num_classes=3, cell=cell, **TINY)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
+    variables = model.init(jax.random.PRNGKey(0), images)
+    # The zero-initialised head would zero every other gradient: perturb it.
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if 'head' in jax.tree_util.keystr(p) else x, variables)
+    grads = jax.grad(lambda v: jnp.sum(model.apply(v, images) ** 2))(variables)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert np.all(np.isfinite(g)), path
+        assert np.any(g != 0), jax.tree_util.keystr(path)
+
+
+def test_init_matches_timm_scheme():
+    model = sj.create_model('sequencer2d_s', num_classes=10, **TINY)
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))['params']
+    assert np.all(params['head']['kernel'] == 0)
+    w_ih = params['stages_0_blocks_0']['rnn_tokens']['rnn_v']['w_ih']
+    assert w_ih.shape == (2, 16, 16)
+    bound = 1 / np.sqrt(4)
+    assert np.abs(w_ih).max() <= bound and np.abs(w_ih).max() > 0.8 * bound
+    np.testing.assert_array_equal(params['norm']['scale'], 1.0)
+
+
+# ---- bad input ----
+
+def test_bad_inputs_raise_clear_errors():
+    model = sj.create_model('sequencer2d_s', num_classes=3, **TINY)
+    variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))
+    with pytest.raises(ValueError, match='divisible by the total stride 14'):
+        model.apply(variables, jnp.ones((1, 30, 28, 3)))
+    with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
+        model.apply(variables, jnp.ones((1, 28, 28, 4)))
+    with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
+        model.apply(variables, jnp.ones((1, 3, 28, 28)))
+    with pytest.raises(ValueError, match="Unknown model 'sequencer2d_xl'"):
+        sj.create_model('sequencer2d_xl')
+    with pytest.raises(ValueError, match="Unknown union 'concat'"):
+        sj.create_model('sequencer2d_s', union='concat')
+    with pytest.raises(ValueError, match="Unknown cell type 'lstn'"):
+        sj.create_model('sequencer2d_s', cell='lstn')
+    with pytest.raises(ValueError, match='Unknown option'):
+        sj.create_model('sequencer2d_s', hiden_sizes=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match='drop path schedule'):
+        sj.create_model('sequencer2d_s', drop_path_schedule='cosine')
+    bad_width = sj.create_model('sequencer2d_s_without_fc', **dict(TINY, hidden_sizes=(8, 6, 6, 6)))
+    with pytest.raises(ValueError, match='without fc must output its input width'):
+        bad_width.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))
+
+
+def test_conversion_names_missing_unexpected_and_misshaped_keys(timm_fixture):
+    info = timm_fixture.case('sequencer2d_s')
+    sd = timm_fixture.state_dict('sequencer2d_s')
+    broken = dict(sd)
+    del broken['stages.0.blocks.0.rnn_tokens.fc.weight']
+    broken['stages.9.blocks.0.extra.weight'] = np.zeros((2, 2), np.float32)
+    broken['norm.bias'] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError) as err:
+        convert.from_torch_state_dict(broken, 'sequencer2d_s', **info['overrides'])
+    msg = str(err.value)
+    assert 'stages_0_blocks_0/rnn_tokens/fc/kernel' in msg
+    assert 'stages_9_blocks_0/extra/kernel' in msg
+    assert 'norm/bias: got (7,)' in msg
+    with pytest.raises(ValueError, match="does not match 'sequencer2d_m'"):
+        convert.from_torch_state_dict(sd, 'sequencer2d_m')
+
+
+def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path):
+    info = timm_fixture.case('sequencer2d_s')
+    sd = timm_fixture.state_dict('sequencer2d_s')
+    npz = tmp_path / 'weights.npz'
+    np.savez(npz, **sd)
+    args = ['--input', str(npz), '--model', 'sequencer2d_s']
+    with pytest.raises(SystemExit) as err:  # tiny weights do not fit the full-size model
+        convert.main(args + ['--output', str(tmp_path / 'bad')])
+    assert err.value.code == 2
+    model_args = json.dumps(info['overrides'])
+    convert.main(args + ['--output', str(tmp_path / 'ckpt'), '--model-args', model_args])
+    model, restored = convert.load_converted(str(tmp_path / 'ckpt'))
+    assert model.num_classes == 5 and tuple(model.layers) == (1, 1, 2, 1)
+    np.testing.assert_allclose(model.apply(restored, timm_fixture.images(42, 42)),
+                               timm_fixture.logits('sequencer2d_s', 42, 42), atol=1e-4)
+    with pytest.raises(SystemExit):  # never overwrites an earlier conversion
+        convert.main(args + ['--output', str(tmp_path / 'ckpt'), '--model-args', model_args])
+    with pytest.raises(ValueError, match='not a converted checkpoint'):
+        convert.load_converted(str(tmp_path))
+    with pytest.raises(ValueError, match='No such checkpoint file'):
+        convert.load_state_dict_file(str(tmp_path / 'missing.pth'))
