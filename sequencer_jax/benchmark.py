@@ -1,0 +1,247 @@
+"""Throughput, compile time and memory of a Sequencer variant, side by side with timm.
+
+    python -m sequencer_jax.benchmark --model sequencer2d_s --batch-size 8 --image-size 224 \
+        --compare-timm --json bench.json
+
+Measures in one run: compile time of the forward and of the train step (forward,
+backward, AdamW update), images/s of both (warm-up excluded; median and spread over
+``--reps`` timed repetitions), and memory; with ``--compare-timm`` the same for timm's
+PyTorch model on the same device and thread count, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sequencer_jax.models import registry
+from sequencer_jax.train import state as state_lib
+from sequencer_jax.train import steps
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.05
+
+
+def _time_calls(fn: Callable[[], Any], warmup: int, reps: int, iters: int) -> list[float]:
+    """Seconds per call of ``fn`` (which must block), ``reps`` times, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - start) / iters)
+    return times
+
+
+def _summary(seconds: list[float], batch: int) -> dict[str, float]:
+    rates = [batch / s for s in seconds]
+    return {'images_per_s': statistics.median(rates), 'images_per_s_min': min(rates),
+            'images_per_s_max': max(rates), 'ms_per_step': 1e3 * statistics.median(seconds)}
+
+
+def _memory(compiled) -> dict[str, float | None]:
+    out: dict[str, float | None] = {'xla_estimate_mib': None, 'device_peak_mib': None}
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+                 + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+        out['xla_estimate_mib'] = total / 2**20
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        out['device_peak_mib'] = stats['peak_bytes_in_use'] / 2**20
+    return out
+
+
+def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
+                  iters: int, train: bool = True) -> dict[str, Any]:
+    """Compile time, images/s and memory of our forward and train step."""
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randn(batch_size, image_size, image_size, 3), jnp.float32)
+    labels = jax.nn.one_hot(rng.randint(0, model.num_classes, batch_size), model.num_classes)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])['params']
+    results: dict[str, Any] = {}
+
+    forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    start = time.perf_counter()
+    compiled = forward.lower(params, images).compile()
+    results['forward_compile_s'] = time.perf_counter() - start
+    results['forward'] = _summary(_time_calls(
+        lambda: compiled(params, images).block_until_ready(), warmup, reps, iters), batch_size)
+    results['forward']['memory'] = _memory(compiled)
+    if not train:
+        return results
+
+    tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                     mask=state_lib.weight_decay_mask(params))
+    state = state_lib.create_train_state(params, tx)
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0)
+    batch = {'image': images, 'label': labels}
+    key = jax.random.PRNGKey(1)
+    start = time.perf_counter()
+    compiled_step = step.lower(state, batch, key).compile()
+    results['train_compile_s'] = time.perf_counter() - start
+
+    def run_step():
+        nonlocal state
+        state, metrics = compiled_step(state, batch, key)
+        metrics['loss'].block_until_ready()
+
+    results['train'] = _summary(_time_calls(run_step, warmup, reps, iters), batch_size)
+    results['train']['memory'] = _memory(compiled_step)
+    return results
+
+
+def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int, dtype: str,
+                   warmup: int, reps: int, iters: int, train: bool = True) -> dict[str, Any]:
+    """The same figures for timm's PyTorch model (eager; cuDNN LSTM and AMP on GPU)."""
+    import timm
+    import torch
+
+    device = 'cuda' if torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
+    model = timm.create_model(name, num_classes=num_classes).to(device)
+    rng = np.random.RandomState(0)
+    images = torch.from_numpy(rng.randn(batch_size, 3, image_size, image_size)
+                              .astype(np.float32)).to(device)
+    labels = torch.from_numpy(rng.randint(0, num_classes, batch_size)).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    results: dict[str, Any] = {'device': device, 'threads': torch.get_num_threads()}
+
+    def forward():
+        with torch.no_grad(), autocast:
+            model(images)
+        sync()
+
+    model.eval()
+    start = time.perf_counter()
+    forward()
+    results['forward_first_call_s'] = time.perf_counter() - start
+    results['forward'] = _summary(_time_calls(forward, warmup, reps, iters), batch_size)
+    if not train:
+        return results
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def train_step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    train_step()
+    results['train_first_call_s'] = time.perf_counter() - start
+    results['train'] = _summary(_time_calls(train_step, warmup, reps, iters), batch_size)
+    if device == 'cuda':
+        results['train']['memory'] = {
+            'device_peak_mib': torch.cuda.max_memory_allocated() / 2**20}
+    return results
+
+
+def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
+    rows = [('forward', 'forward'), ('train step', 'train')]
+    print(f'\n{name}: images/s (median [min, max]), compile time')
+    header = f'{"":<12}{"sequencer-jax":>34}'
+    if timm_results:
+        header += f'{"timm":>34}{"ratio":>8}'
+    print(header)
+    for label, key in rows:
+        if key not in ours:
+            continue
+        r = ours[key]
+        line = (f'{label:<12}{r["images_per_s"]:>12.2f} [{r["images_per_s_min"]:.2f}, '
+                f'{r["images_per_s_max"]:.2f}]  {ours[key + "_compile_s"]:>6.1f}s')
+        if timm_results and key in timm_results:
+            t = timm_results[key]
+            line += (f'{t["images_per_s"]:>12.2f} [{t["images_per_s_min"]:.2f}, '
+                     f'{t["images_per_s_max"]:.2f}]  (eager)'
+                     f'{r["images_per_s"] / t["images_per_s"]:>8.2f}x')
+        print(line)
+
+
+def main(argv=None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog='python -m sequencer_jax.benchmark',
+                                     description=__doc__.split('\n')[0])
+    parser.add_argument('--model', default='sequencer2d_s', choices=registry.list_models())
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=1000)
+    parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
+    parser.add_argument('--warmup', type=int, default=2, help='untimed calls first')
+    parser.add_argument('--reps', type=int, default=5, help='timed repetitions')
+    parser.add_argument('--iters', type=int, default=1, help='calls per repetition')
+    parser.add_argument('--forward-only', action='store_true', help='skip the train step')
+    parser.add_argument('--compare-timm', action='store_true',
+                        help='also measure timm (needs torch and timm installed)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch intra-op threads (default: all cores, as XLA uses)')
+    parser.add_argument('--model-args', default='{}',
+                        help='JSON overrides, e.g. \'{"scan_blocks": true, "unroll": 2}\'')
+    parser.add_argument('--json', default=None, help='also write the results here')
+    args = parser.parse_args(argv)
+    try:
+        overrides = json.loads(args.model_args)
+        model = registry.create_model(args.model, args.num_classes, DTYPES[args.dtype],
+                                      **overrides)
+        model._check_input(jnp.zeros((1, args.image_size, args.image_size, 3)))
+    except (ValueError, json.JSONDecodeError) as e:
+        parser.exit(2, f'error: {e}\n')
+    if args.compare_timm:
+        try:
+            import timm  # noqa: F401
+            import torch
+        except ImportError:
+            parser.exit(2, 'error: --compare-timm needs torch and timm: '
+                           'pip install "sequencer-jax[torch]"\n')
+        torch.set_num_threads(args.threads or os.cpu_count())
+
+    results: dict[str, Any] = {
+        'config': vars(args) | {'model_args': overrides},
+        'platform': {'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
+                     'device_kind': jax.devices()[0].device_kind, 'cpus': os.cpu_count(),
+                     'machine': platform.machine(), 'jax': jax.__version__},
+    }
+    print(f'Benchmarking {args.model} on {results["platform"]["device_kind"]} '
+          f'({results["platform"]["backend"]}), batch {args.batch_size}, '
+          f'{args.image_size}px, {args.dtype}', flush=True)
+    results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
+                                             args.warmup, args.reps, args.iters,
+                                             not args.forward_only)
+    timm_results = None
+    if args.compare_timm:
+        timm_results = benchmark_timm(args.model, args.num_classes, args.batch_size,
+                                      args.image_size, args.dtype, args.warmup, args.reps,
+                                      args.iters, not args.forward_only)
+        results['timm'] = timm_results
+        results['ratio'] = {k: results['sequencer_jax'][k]['images_per_s']
+                            / timm_results[k]['images_per_s']
+                            for k in ('forward', 'train') if k in timm_results}
+    _print_table(args.model, results['sequencer_jax'], timm_results)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+        print(f'wrote {args.json}')
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,1 @@
+"""Training: mesh, state, steps, checkpoints and the loop."""

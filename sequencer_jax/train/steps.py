@@ -1,0 +1,79 @@
+"""train_step and eval_step: pure functions, jit-ed (and sharded) by the caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sequencer_jax.train.state import TrainState
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy in float32. logits, labels: [B, K] (labels may be soft)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.sum(labels.astype(jnp.float32) * logp, axis=-1))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               ema_decay: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step.
+
+    Args:
+      state: the current TrainState.
+      batch: ``image [B, H, W, 3]`` (normalised) and ``label [B, K]`` (one-hot or soft).
+      rng: the run's root key; per-step keys are folded in from ``state.step``.
+      model, tx: the Flax model and the optax optimizer (static).
+      ema_decay: update ``state.ema_params`` with this decay when EMA is enabled.
+
+    Returns:
+      The new state and scalar metrics ``loss``, ``top1`` (against the label's argmax)
+      and ``grad_norm``.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        logits = model.apply({'params': params}, batch['image'], train=True,
+                             rngs={'dropout': step_rng})
+        return cross_entropy(logits, batch['label']), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None and ema_decay is not None:
+        ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+    metrics = {
+        'loss': loss,
+        'top1': jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch['label'], -1)),
+        'grad_norm': optax.global_norm(grads),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *,
+              model: nn.Module) -> dict[str, jax.Array]:
+    """Sums over one (padded) batch: ``mask [B]`` marks the real examples.
+
+    batch: ``image [B, H, W, 3]``, integer ``label [B]``, ``mask [B]``.
+    Returns counts ``top1``, ``top5``, ``loss_sum`` and ``count``; divide after summing
+    over all batches so that every example counts exactly once.
+    """
+    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    labels = batch['label']
+    mask = batch['mask'].astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    onehot = jax.nn.one_hot(labels, logits.shape[-1])
+    nll = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
+    return {
+        'top1': jnp.sum((topk[:, 0] == labels) * mask),
+        'top5': jnp.sum(jnp.any(topk == labels[:, None], axis=-1) * mask),
+        'loss_sum': jnp.sum(nll * mask),
+        'count': jnp.sum(mask),
+    }

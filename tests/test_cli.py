@@ -1,0 +1,53 @@
+"""The command-line tools run end to end on tiny models."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from sequencer_jax import benchmark, main
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+
+
+def load_config(filename, arg=None):
+    spec = importlib.util.spec_from_file_location('config', CONFIGS / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+TINY_ARGS = json.dumps(dict(layers=[1, 1, 1, 1], embed_dims=[16, 24, 24, 24],
+                            hidden_sizes=[4, 6, 6, 6], scan_blocks=True))
+
+
+def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '2',
+                              '--image-size', '28', '--num-classes', '5', '--reps', '2',
+                              '--warmup', '1', '--model-args', TINY_ARGS, '--json', str(out)])
+    ours = results['sequencer_jax']
+    for part in ('forward', 'train'):
+        assert ours[part]['images_per_s_min'] <= ours[part]['images_per_s'] \
+            <= ours[part]['images_per_s_max']
+        assert ours[part]['images_per_s'] > 0
+        assert ours[f'{part}_compile_s'] > 0
+        assert ours[part]['memory']['xla_estimate_mib'] > 0
+    assert json.loads(out.read_text())['config']['model_args']['scan_blocks'] is True
+    assert 'train step' in capsys.readouterr().out
+
+
+def test_benchmark_cli_rejects_bad_input():
+    with pytest.raises(SystemExit) as err:
+        benchmark.main(['--image-size', '30'])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit):
+        benchmark.main(['--model-args', '{"unrol": 2}'])
+
+
+def test_main_job_summarises_and_runs_forward(tmp_path, capsys):
+    config = load_config('default.py')
+    main.run(config, str(tmp_path / 'work'))
+    out = capsys.readouterr().out
+    assert 'total' in out and 'forward pass: logits (32, 10)' in out

@@ -1,0 +1,68 @@
+"""Live parity with the PyTorch reference (timm / official code). Skips without torch+timm."""
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('timm')
+
+import torch_reference  # noqa: E402
+
+import sequencer_jax as sj  # noqa: E402
+from sequencer_jax import convert  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _jax_logits(name, state_dict, images, num_classes, **overrides):
+    # scan_blocks keeps compile time of the deep variants low; it is exact (see test_models).
+    variables = convert.from_torch_state_dict(state_dict, name, num_classes, scan_blocks=True,
+                                              **overrides)
+    model = sj.create_model(name, num_classes, scan_blocks=True, **overrides)
+    return np.asarray(jax.jit(model.apply)(variables, images))
+
+
+@pytest.mark.parametrize('name', sj.list_models())
+def test_parameter_counts_equal_torch(name):
+    reference = torch_reference.build(name)
+    expected = sum(p.numel() for p in reference.parameters())
+    shapes = jax.eval_shape(lambda: sj.create_model(name).init(
+        jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3), np.float32)))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == expected
+
+
+def _check(name, sizes, **overrides):
+    torch.manual_seed(0)
+    num_classes = 1000 if not overrides else 7
+    reference = torch_reference.build(name, num_classes, **overrides)
+    state_dict = reference.state_dict()
+    rng = np.random.RandomState(0)
+    for h, w in sizes:
+        images = rng.randn(2, h, w, 3).astype(np.float32)
+        ours = _jax_logits(name, state_dict, images, num_classes, **overrides)
+        np.testing.assert_allclose(ours, torch_reference.logits(reference, images),
+                                   atol=1e-4, rtol=0)
+
+
+TINY = dict(layers=(1, 1, 2, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8))
+TINY_WIDE = dict(TINY, hidden_sizes=(8, 16, 16, 16))
+TINY_VANILLA = dict(TINY, embed_dims=(32, 32, 32, 32), hidden_sizes=(16, 16, 16, 16))
+
+
+@pytest.mark.parametrize('name', sj.list_models())
+def test_every_variant_tiny_logits_equal_torch(name):
+    overrides = TINY
+    if name in ('sequencer2d_s_h2x', 'sequencer2d_vertical', 'sequencer2d_s_horizontal',
+                'v_sequencer_s_h'):
+        overrides = TINY_WIDE
+    elif name in ('v_sequencer_s', 'v_sequencer_s_pe'):
+        overrides = TINY_VANILLA
+    # The official position embedding is fixed to the training grid.
+    sizes = [(224, 224)] if name == 'v_sequencer_s_pe' else [(224, 224), (112, 84)]
+    _check(name, sizes, **overrides)
+
+
+@pytest.mark.parametrize('name', ['sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l'])
+def test_full_size_logits_equal_timm(name):
+    _check(name, [(224, 224), (168, 252)])
