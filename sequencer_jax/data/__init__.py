@@ -1,0 +1,1 @@
+"""Input pipeline: TFDS datasets, augmentation, on-device mixing."""

@@ -1,0 +1,5 @@
+"""TFDS builders shipped with sequencer-jax. Importing this package registers them."""
+
+from sequencer_jax.data.builders.sklearn_digits import SklearnDigits
+
+__all__ = ['SklearnDigits']

@@ -1,0 +1,248 @@
+"""TFDS -> per-process shards -> augmented batches -> global, sharded ``jax.Array``s.
+
+Every process reads its own disjoint part of a split (``tfds.even_splits``), decodes
+and augments in parallel tf.data maps with per-example stateless seeds (derived from
+the config seed, the process index and the example's position in the stream, so a
+resumed stream repeats an uninterrupted one), batches its share of the global batch
+and prefetches. ``GlobalBatches`` turns the local batches into global arrays sharded
+over the mesh's batch axes with ``jax.make_array_from_process_local_data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sequencer_jax.data import builders  # noqa: F401  (registers the embedded dataset)
+from sequencer_jax.data import transforms
+
+IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+EVAL_SPLIT_CANDIDATES = ('validation', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the rest of the code needs to know of a prepared dataset."""
+
+    builder: Any
+    train_split: str
+    eval_split: str
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
+    image_key: str
+    label_key: str
+
+
+def _data_dir(config) -> str | None:
+    return os.path.expanduser(config.data_dir) if config.data_dir else None
+
+
+def manual_dir(config) -> str:
+    """Where TFDS looks for manually downloaded files (e.g. the ImageNet tars)."""
+    root = _data_dir(config) or os.environ.get(
+        'TFDS_DATA_DIR', os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'))
+    return os.path.join(root, 'downloads', 'manual')
+
+
+def _check_manual_files(config) -> None:
+    if config.name.split(':')[0] != 'imagenet2012':
+        return
+    folder = manual_dir(config)
+    missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise ValueError(
+            f'imagenet2012 needs a manual download: put {" and ".join(missing)} (from '
+            f'https://image-net.org/download-images, "ILSVRC2012" training and validation '
+            f'images) into {folder}/, or set config.dataset.data_dir to a directory whose '
+            f'downloads/manual/ holds them.')
+
+
+def _check_key(builder, key: str, what: str) -> None:
+    features = builder.info.features
+    if key not in features:
+        raise ValueError(f'{builder.name} has no feature {key!r} for the {what}; its '
+                         f'features are {sorted(features.keys())}. Set '
+                         f'config.dataset.{what}_key.')
+
+
+def load_builder(config, prepare: bool = True):
+    """The TFDS builder of ``config`` (``config.dataset``), prepared on first use."""
+    try:
+        builder = tfds.builder(config.name, data_dir=_data_dir(config))
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f'Unknown TFDS dataset {config.name!r}: {e}. Use a TFDS name '
+                         '(e.g. imagenet2012, cifar10) or sklearn_digits.') from None
+    if prepare and not builder.is_prepared():
+        _check_manual_files(config)
+        print(f'Preparing TFDS dataset {builder.name} in {builder.data_dir} (first use only; '
+              'ImageNet takes hours)...', flush=True)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+        print(f'Prepared {builder.name}.', flush=True)
+    return builder
+
+
+def dataset_spec(config) -> DatasetSpec:
+    """Opens (and if needed prepares) ``config.dataset`` and validates its keys."""
+    builder = load_builder(config)
+    _check_key(builder, config.image_key, 'image')
+    _check_key(builder, config.label_key, 'label')
+    splits = builder.info.splits
+    eval_split = config.eval_split or next(
+        (s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
+    for split, what in ((config.train_split, 'train_split'), (eval_split, 'eval_split')):
+        if split is None or split.split('[')[0] not in splits:
+            raise ValueError(f'{builder.name} has no split {split!r}; it has '
+                             f'{sorted(splits.keys())}. Set config.dataset.{what}.')
+    label = builder.info.features[config.label_key]
+    if not hasattr(label, 'num_classes'):
+        raise ValueError(f'{config.label_key!r} of {builder.name} is not a class label.')
+    return DatasetSpec(builder, config.train_split, eval_split, label.num_classes,
+                       splits[config.train_split].num_examples,
+                       splits[eval_split].num_examples, config.image_key, config.label_key)
+
+
+def _decode(example, spec: DatasetSpec):
+    image = tf.io.decode_image(example[spec.image_key], channels=0, expand_animations=False)
+    return image, tf.cast(example[spec.label_key], tf.int32)
+
+
+def _read(spec: DatasetSpec, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
+    return spec.builder.as_dataset(
+        split=split, shuffle_files=shuffle_files,
+        decoders={spec.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False))
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.threading.private_threadpool_size = 0
+    return options
+
+
+def local_batch_size(global_batch: int, num_batch_shards: int) -> int:
+    """This process's share of the global batch, after checking that it divides."""
+    processes = jax.process_count()
+    if global_batch % processes or global_batch % num_batch_shards:
+        raise ValueError(
+            f'The global batch size {global_batch} must be divisible by the number of '
+            f'processes ({processes}) and of batch shards on the mesh ({num_batch_shards}). '
+            f'Use a multiple of {math.lcm(processes, num_batch_shards)}.')
+    return global_batch // processes
+
+
+def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: int = 0,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> tf.data.Dataset:
+    """This process's infinite stream of augmented train batches (numpy dicts).
+
+    ``image [local_batch, S, S, 3]`` float32 and integer ``label [local_batch]``.
+    ``start_example`` skips that many examples of this process's stream (for resume);
+    the epochs before it are not read again.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    split = tfds.even_splits(spec.train_split, n=process_count,
+                             drop_remainder=True)[process_index]
+    examples_per_epoch = spec.num_train_examples // process_count
+    seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
+    base = _read(spec, split)
+    dcfg = config.dataset
+
+    def epoch(e):
+        order = base.shuffle(dcfg.shuffle_buffer, seed=seed + e,
+                             reshuffle_each_iteration=False)
+        index = tf.data.Dataset.range(e * examples_per_epoch, (e + 1) * examples_per_epoch)
+        return tf.data.Dataset.zip((index, order))
+
+    first_epoch, offset = divmod(start_example, examples_per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch).skip(offset)
+
+    def preprocess(index, example):
+        image, label = _decode(example, spec)
+        example_seed = tf.stack([tf.cast(seed % 2**31, tf.int64), index])
+        example_seed = tf.cast(example_seed % 2**31, tf.int32)
+        image = transforms.train_transform(image, example_seed, config.image_size,
+                                           config.augment)
+        return {'image': image, 'label': label}
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    if dcfg.skip_corrupt:
+        ds = ds.ignore_errors(log_warning=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.prefetch(dcfg.prefetch).with_options(_options(dcfg.deterministic))
+
+
+def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | None = None,
+                 crop_pct: float | None = None, split: str | None = None,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> tuple[tf.data.Dataset, int]:
+    """This process's padded eval batches and how many there are (same on every process).
+
+    Batches hold ``image``, ``label`` and ``mask`` (1 for real examples, 0 for padding), so
+    that metrics summed over ``mask`` count every example of the split exactly once.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    split = split or spec.eval_split
+    image_size = image_size or config.eval_image_size or config.image_size
+    crop_pct = config.crop_pct if crop_pct is None else crop_pct
+    total = spec.builder.info.splits[split].num_examples
+    per_process_max = math.ceil(total / process_count)
+    num_batches = math.ceil(per_process_max / local_batch)
+    shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+
+    def preprocess(example):
+        image, label = _decode(example, spec)
+        return {'image': transforms.eval_transform(image, image_size, crop_pct),
+                'label': label, 'mask': tf.constant(1, tf.int32)}
+
+    ds = _read(spec, shard).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors({
+        'image': tf.zeros([image_size, image_size, 3]), 'label': tf.constant(0, tf.int32),
+        'mask': tf.constant(0, tf.int32)}).repeat()
+    ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+    return ds.prefetch(config.dataset.prefetch).with_options(_options(True)), num_batches
+
+
+class GlobalBatches:
+    """Iterates a tf.data dataset of local numpy batches as global sharded jax.Arrays.
+
+    Args:
+      dataset: yields dicts of per-process arrays with a leading local batch axis.
+      sharding: a ``NamedSharding`` whose spec shards axis 0 over the batch mesh axes.
+      description: named in the error raised when the input fails (e.g. corrupt data).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
+                 description: str = 'dataset'):
+        self._iterator = dataset.as_numpy_iterator()
+        self._sharding = sharding
+        self._description = description
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        try:
+            local = next(self._iterator)
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(
+                f'Reading {self._description} failed on a bad example (e.g. a corrupt '
+                f'image): {e.message.splitlines()[0]}. Set config.dataset.skip_corrupt=True '
+                'to skip such examples with a warning.') from None
+        return jax.tree.map(self._to_global, local)
+
+    def _to_global(self, array: np.ndarray) -> jax.Array:
+        global_shape = (array.shape[0] * jax.process_count(),) + array.shape[1:]
+        return jax.make_array_from_process_local_data(self._sharding, array, global_shape)
+
