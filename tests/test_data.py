@@ -217,3 +217,13 @@ def test_mixup_and_cutmix_labels_and_images_agree():
                                                   mixup_alpha=0.0, cutmix_alpha=0.0)
     np.testing.assert_array_equal(same_images, images)
     np.testing.assert_allclose(only_smoothed, smoothed)
+
+
+def test_data_benchmark_cli(digits_spec, digits_dir, capsys):
+    from sequencer_jax.data import benchmark
+    rates = benchmark.main(['--dataset', 'sklearn_digits', '--data-dir', str(digits_dir),
+                            '--image-size', '28', '--batch-size', '16', '--batches', '3'])
+    assert rates['train_images_per_s'] > 0 and rates['eval_images_per_s'] > 0
+    assert 'images/s' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main(['--dataset', 'no_such_set', '--data-dir', str(digits_dir)])

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sequencer_jax.data import mixing
 from sequencer_jax.train.state import TrainState
 
 
@@ -20,26 +21,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation,
+               mix: dict[str, float] | None = None,
                ema_decay: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step.
+    """One optimisation step, with mixup/cutmix and label smoothing on device.
 
     Args:
       state: the current TrainState.
-      batch: ``image [B, H, W, 3]`` (normalised) and ``label [B, K]`` (one-hot or soft).
+      batch: ``image [B, H, W, 3]`` (normalised) and integer ``label [B]``.
       rng: the run's root key; per-step keys are folded in from ``state.step``.
       model, tx: the Flax model and the optax optimizer (static).
+      mix: keyword arguments of ``mixing.mix_batch`` (``mixup_alpha``, ``cutmix_alpha``,
+        ``switch_prob``, ``smoothing``); None trains on plain one-hot labels.
       ema_decay: update ``state.ema_params`` with this decay when EMA is enabled.
 
     Returns:
-      The new state and scalar metrics ``loss``, ``top1`` (against the label's argmax)
+      The new state and scalar metrics ``loss``, ``top1`` (against the unmixed labels)
       and ``grad_norm``.
     """
     step_rng = jax.random.fold_in(rng, state.step)
+    mix_rng, dropout_rng = jax.random.split(step_rng)
+    num_classes = model.num_classes
+    images, targets = mixing.mix_batch(mix_rng, batch['image'], batch['label'], num_classes,
+                                       **(mix or dict(mixup_alpha=0.0, cutmix_alpha=0.0,
+                                                      smoothing=0.0)))
 
     def loss_fn(params):
-        logits = model.apply({'params': params}, batch['image'], train=True,
-                             rngs={'dropout': step_rng})
-        return cross_entropy(logits, batch['label']), logits
+        logits = model.apply({'params': params}, images, train=True,
+                             rngs={'dropout': dropout_rng})
+        return cross_entropy(logits, targets), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -49,7 +58,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
     metrics = {
         'loss': loss,
-        'top1': jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch['label'], -1)),
+        'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
         'grad_norm': optax.global_norm(grads),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
