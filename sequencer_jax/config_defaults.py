@@ -40,3 +40,90 @@ def augment_config(**overrides) -> ml_collections.ConfigDict:
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the training CLI reads, with the paper's ImageNet recipe as defaults.
+
+    The files in configs/ start from this and change what their job needs; unknown keys
+    are errors (the returned dict is locked by the caller's ``config.lock()``).
+    """
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = ml_collections.ConfigDict(dict(
+        name='sequencer2d_s',
+        # Overrides of create_model (drop_path_rate, scan_blocks, remat, layers, ...).
+        args=ml_collections.ConfigDict(dict(drop_path_rate=0.1)),
+        num_classes=ml_collections.FieldReference(None, field_type=int),  # None: dataset's
+    ))
+    config.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params stay float32
+    config.dataset = dataset_config('imagenet2012')
+    config.augment = augment_config()
+    config.image_size = 224
+    config.eval_image_size = ml_collections.FieldReference(None, field_type=int)  # None: same
+    config.crop_pct = 0.875
+    config.batch_size = 1024  # global
+    config.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: same
+    config.num_epochs = 300
+    config.num_train_steps = ml_collections.FieldReference(None, field_type=int)  # overrides
+    config.optimizer = ml_collections.ConfigDict(dict(
+        base_lr=2e-3,             # at reference_batch_size, scaled linearly
+        reference_batch_size=2048,
+        warmup_epochs=20,
+        warmup_lr=1e-6,
+        min_lr=1e-6,
+        weight_decay=0.05,        # not applied to biases, norms, position embeddings
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
+    ))
+    config.ema_decay = ml_collections.FieldReference(None, field_type=float)  # e.g. 0.99996
+    config.mesh = [('data', -1), ('fsdp', 1)]
+    # (regex over the parameter path, rule): 'fsdp' shards the largest dimension that
+    # divides by the fsdp axis; 'replicate' keeps a full copy on every device.
+    config.param_rules = [('.*', 'fsdp')]
+    config.log_every_steps = 50
+    config.eval_every_steps = 5000
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.best_metric = 'eval/top1'
+    config.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tuning
+    config.reinit_head = True
+    config.progress = 'auto'  # 'bar' on a terminal, else 'lines'; or force one
+    return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
+                  variants: dict) -> ml_collections.ConfigDict:
+    """Applies a big_vision-style variant string ``'key=value,key=value'``.
+
+    ``variants`` maps each accepted key to a function ``(config, value) -> None``.
+    """
+    for part in (arg or '').split(','):
+        if not part:
+            continue
+        key, sep, value = part.partition('=')
+        if not sep or key not in variants:
+            raise ValueError(f'Bad config variant {part!r} in {arg!r}: expected key=value '
+                             f'with key in {sorted(variants)}.')
+        variants[key](config, value)
+    return config
+
+
+MESHES = {
+    'data': [('data', -1), ('fsdp', 1)],
+    'fsdp': [('data', 1), ('fsdp', -1)],
+}
+
+
+def set_mesh(config: ml_collections.ConfigDict, value: str) -> None:
+    """Variant ``mesh=data|fsdp|DxF`` (e.g. ``mesh=4x2``: data 4, fsdp 2)."""
+    if value in MESHES:
+        config.mesh = MESHES[value]
+        return
+    try:
+        data, fsdp = (int(v) for v in value.split('x'))
+    except ValueError:
+        raise ValueError(f'Unknown mesh {value!r}: use data, fsdp or DxF (e.g. 4x2).') from None
+    config.mesh = [('data', data), ('fsdp', fsdp)]

@@ -1,54 +1,49 @@
-"""Main job CLI.
+"""Training CLI.
 
     python -m sequencer_jax.main --config=configs/default.py --workdir=/tmp/sequencer
+    python -m sequencer_jax.main --config=configs/imagenet.py:model=sequencer2d_l,mesh=fsdp \
+        --workdir=gs://bucket/run --config.batch_size=2048
 
-Until the training loop lands, the main job builds the configured model, prints a
-summary (parameters per stage) and runs a timed forward pass.
+Rerunning the same command resumes from the newest checkpoint in the workdir. On TPU
+pods and SLURM clusters ``jax.distributed`` is initialised automatically; elsewhere pass
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` to every process.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from sequencer_jax.models import registry
-
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for outputs')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints and logs')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process runs')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process')
 
 
-def summarize(params) -> list[tuple[str, int]]:
-    """(top-level module, parameter count) rows in module order."""
-    return [(name, sum(x.size for x in jax.tree.leaves(sub))) for name, sub in params.items()]
+def _cluster_detected() -> bool:
+    """True on a multi-process SLURM job or a multi-host TPU slice."""
+    slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    tpu_pod = len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+    return slurm or tpu_pod
 
 
-def run(config, workdir: str) -> None:
-    model = registry.create_model(config.model.name, config.model.num_classes,
-                                  **config.model.args.to_dict())
-    images = jax.random.normal(jax.random.PRNGKey(config.seed),
-                               (config.batch_size, config.image_size, config.image_size, 3))
-    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), images[:1])['params']
-    print(f'{config.model.name} ({config.model.num_classes} classes), '
-          f'{config.image_size}px input')
-    for name, count in summarize(params):
-        print(f'  {name:<24}{count:>12,}')
-    total = sum(x.size for x in jax.tree.leaves(params))
-    print(f'  {"total":<24}{total:>12,}')
-    forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    start = time.perf_counter()
-    logits = forward(params, images).block_until_ready()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    forward(params, images).block_until_ready()
-    print(f'forward pass: logits {tuple(logits.shape)}, first call (with compile) {first:.2f}s, '
-          f'then {time.perf_counter() - start:.3f}s for {config.batch_size} images')
-    os.makedirs(workdir, exist_ok=True)
+def initialize_distributed(coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Starts jax.distributed when this is one process of several."""
+    import jax
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise app.UsageError('--coordinator_address, --num_processes and --process_id '
+                                 'go together.')
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif _cluster_detected():
+        jax.distributed.initialize()
 
 
 def main(argv) -> None:
@@ -56,7 +51,12 @@ def main(argv) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError('Both --config and --workdir are required.')
-    run(_CONFIG.value, _WORKDIR.value)
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from sequencer_jax.train import loop
+    try:
+        loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
 if __name__ == '__main__':

@@ -36,3 +36,26 @@ def create_train_state(params: Any, tx: optax.GradientTransformation,
     """A fresh state at step 0 for ``params`` (float32)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from ``warmup_lr`` to the batch-scaled peak, then cosine to ``min_lr``.
+
+    peak = ``base_lr * batch_size / reference_batch_size`` (the linear scaling rule).
+    """
+    opt = config.optimizer
+    peak = opt.base_lr * config.batch_size / opt.reference_batch_size
+    warmup = min(int(opt.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=opt.warmup_lr, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=opt.min_lr)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on kernels only, optional global-norm clipping."""
+    opt = config.optimizer
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        weight_decay=opt.weight_decay, mask=weight_decay_mask)
+    if opt.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
+    return adamw

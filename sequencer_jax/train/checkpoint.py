@@ -1,0 +1,69 @@
+"""Checkpoints with orbax: periodic/final saves, keep-last-N plus best-by-metric, and
+restore into an abstract sharded target (so a run can resume on another mesh).
+
+Each checkpoint holds the full TrainState (params, optimizer state, EMA, step) and a
+JSON ``meta`` item: how many examples each process has read (the data iterator's
+position), the global batch size, and the metrics of that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def make_manager(workdir: str, keep: int, best_metric: str | None) -> ocp.CheckpointManager:
+    """A manager keeping the last ``keep`` checkpoints and the best one by ``best_metric``."""
+    policies = [policy_lib.LatestN(keep)]
+    if best_metric:
+        policies.append(policy_lib.BestN(
+            get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+            keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy_lib.AnyPreservationPolicy(policies), create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=False)
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         metrics: dict[str, float] | None = None) -> None:
+    """Saves (all processes take part) and waits until it is on disk."""
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)),
+                 metrics=metrics, force=True)
+    manager.wait_until_finished()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``tree`` carrying ``shardings``: the restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[Any, dict] | None:
+    """The newest checkpoint that restores, as (state, meta); None when there is none.
+
+    A corrupt or partly written newest checkpoint is skipped with a warning and the one
+    before it is used.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure means: try the previous one
+            logging.warning('Checkpoint at step %d could not be restored (%s: %s); '
+                            'falling back to the previous one.', step, type(e).__name__, e)
+            print(f'WARNING: checkpoint at step {step} is unreadable ({type(e).__name__}); '
+                  'falling back to the previous one.', flush=True)
+            continue
+        return restored['state'], restored['meta']
+    return None

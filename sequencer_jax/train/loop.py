@@ -1,0 +1,321 @@
+"""The training loop: steps, periodic evaluation, logging, checkpoints, preemption.
+
+One flat function, ``train_and_evaluate(config, workdir)``. Rerunning it with the same
+workdir resumes from the newest readable checkpoint; the data stream and the per-step
+random keys depend only on the config seed, the step and the process index, so a
+resumed run repeats an uninterrupted one exactly (on the same mesh).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+from jax.experimental import multihost_utils
+
+from sequencer_jax import convert
+from sequencer_jax.data import pipeline
+from sequencer_jax.models import registry
+from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib, steps
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+METRICS_FILE = 'metrics.jsonl'
+
+
+def build_model(config, num_classes: int):
+    if config.compute_dtype not in DTYPES:
+        raise ValueError(f'config.compute_dtype must be one of {sorted(DTYPES)}, '
+                         f'got {config.compute_dtype!r}.')
+    return registry.create_model(config.model.name, num_classes, DTYPES[config.compute_dtype],
+                                 **config.model.args.to_dict())
+
+
+class MetricWriter:
+    """metrics.jsonl and TensorBoard events; writes on process 0 only."""
+
+    def __init__(self, workdir: str):
+        self._active = jax.process_index() == 0
+        if self._active:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self._active:
+            return
+        self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+        self._jsonl.flush()
+        with self._tb.as_default(step=step):
+            for key, value in metrics.items():
+                tf.summary.scalar(key, value)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._active:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, mode: str, start: int, total: int):
+        if mode not in ('auto', 'bar', 'lines'):
+            raise ValueError(f"config.progress must be 'auto', 'bar' or 'lines', got {mode!r}.")
+        self._bar = None
+        self._total = total
+        self._start_time, self._start_step = time.perf_counter(), start
+        if jax.process_index() == 0 and (mode == 'bar' or (mode == 'auto' and sys.stdout.isatty())):
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, float] | None) -> None:
+        if jax.process_index() != 0:
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if metrics:
+                self._bar.set_postfix({k.split('/')[-1]: f'{v:.4g}' for k, v in metrics.items()
+                                       if k in ('train/loss', 'train/top1', 'eval/top1')})
+        elif metrics:
+            done = step - self._start_step
+            elapsed = time.perf_counter() - self._start_time
+            eta = elapsed / max(done, 1) * (self._total - step)
+            shown = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+            print(f'step {step}/{self._total} ({100 * step / self._total:.1f}%) {shown} '
+                  f'eta {time.strftime("%H:%M:%S", time.gmtime(eta))}', flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; agreed across processes so that all of them save and stop."""
+
+    def __init__(self):
+        self._set = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._set = True
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self._set
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._set))))
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _explain_runtime_error(e: Exception) -> Exception:
+    if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
+        return RuntimeError(
+            'Out of memory in the train step. Lower config.batch_size, set '
+            "config.model.args.remat=True (and scan_blocks=True), use "
+            "config.compute_dtype='bfloat16', or shard parameters with mesh=fsdp. "
+            f'Original error: {str(e).splitlines()[0]}')
+    return e
+
+
+def initial_params(config, model, params: Any) -> Any:
+    """Loads ``config.init_from`` (a converted PyTorch dir or a training workdir) into
+    ``params``; the classifier head is re-initialised when asked or when its shape differs."""
+    source = os.path.abspath(os.path.expanduser(config.init_from))
+    if os.path.exists(os.path.join(source, convert.MODEL_INFO_FILE)):
+        _, loaded = convert.load_converted(source)
+        loaded = loaded['params']
+    else:
+        manager = checkpoint.make_manager(source, 1, None)
+        if manager.latest_step() is None:
+            raise ValueError(f'config.init_from={config.init_from!r} is neither a converted '
+                             'checkpoint (python -m sequencer_jax.convert) nor a workdir with '
+                             'checkpoints.')
+        restored = manager.restore(manager.latest_step(), args=checkpoint.ocp.args.Composite(
+            state=checkpoint.ocp.args.StandardRestore()))
+        loaded = restored['state']['params']
+    loaded = dict(loaded)
+    head_differs = jax.tree.map(jnp.shape, loaded.get('head')) != \
+        jax.tree.map(jnp.shape, params.get('head'))
+    if config.reinit_head or head_differs:
+        loaded['head'] = params['head']
+    expected = jax.tree.map(jnp.shape, params)
+    got = jax.tree.map(jnp.shape, loaded)
+    if expected != got:
+        raise ValueError(f'config.init_from={config.init_from!r} does not match '
+                         f'{config.model.name} with config.model.args; parameter shapes differ.')
+    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
+
+
+def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) -> dict:
+    """top1/top5/loss over a padded split; every example counts once."""
+    dataset, _ = dataset_fn()
+    totals = None
+    for batch in dataset:
+        out = eval_fn(params, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.tree.map(float, totals)
+    count = max(totals['count'], 1.0)
+    return {'top1': totals['top1'] / count, 'top5': totals['top5'] / count,
+            'loss': totals['loss_sum'] / count}
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
+    final evaluation metrics."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    mesh = mesh_lib.make_mesh(config.mesh)
+    spec = pipeline.dataset_spec(config.dataset)
+    num_classes = config.model.num_classes or spec.num_classes
+    model = build_model(config, num_classes)
+    local_batch = pipeline.local_batch_size(config.batch_size, mesh_lib.num_batch_shards(mesh))
+    eval_batch = config.eval_batch_size or config.batch_size
+    local_eval_batch = pipeline.local_batch_size(eval_batch, mesh_lib.num_batch_shards(mesh))
+    steps_per_epoch = max(spec.num_train_examples // config.batch_size, 1)
+    total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
+    schedule = state_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = state_lib.make_optimizer(config, schedule)
+    use_ema = config.ema_decay is not None
+    image_shape = (1, config.image_size, config.image_size, 3)
+    model._check_input(jnp.zeros(image_shape))
+
+    def init_state(rng):
+        params = model.init(rng, jnp.zeros(image_shape))['params']
+        return state_lib.create_train_state(params, tx, use_ema)
+
+    root = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(root)
+    abstract = jax.eval_shape(init_state, init_rng)
+    shardings = mesh_lib.tree_shardings(abstract, mesh, config.param_rules)
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints, config.best_metric)
+    restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract, shardings))
+    if restored is not None:
+        state, meta = restored
+        start_step = int(state.step)
+        examples_read = meta['examples_per_process'] if meta['batch_size'] == config.batch_size \
+            else start_step * local_batch
+        print(f'Resuming from step {start_step} in {workdir}', flush=True)
+    else:
+        state = jax.jit(init_state, out_shardings=shardings)(init_rng)
+        if config.init_from:
+            params = initial_params(config, model, jax.device_get(state.params))
+            state = jax.device_put(state_lib.create_train_state(params, tx, use_ema), shardings)
+            print(f'Initialised from {config.init_from}', flush=True)
+        start_step, examples_read = 0, 0
+
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    repl = mesh_lib.replicated(mesh)
+    mix = dict(mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
+               switch_prob=config.augment.switch_prob, smoothing=config.augment.label_smoothing)
+    train_step = jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, mix=mix,
+                          ema_decay=config.ema_decay),
+        in_shardings=(shardings, batch_sharding, repl), out_shardings=(shardings, repl),
+        donate_argnums=0)
+    eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+                        in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
+
+    def eval_batches():
+        ds, n = pipeline.eval_dataset(spec, config, local_eval_batch)
+        return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} eval'), n
+
+    def run_eval(state) -> dict[str, float]:
+        out = {f'eval/{k}': v for k, v in evaluate(state.params, eval_batches, eval_step).items()}
+        if state.ema_params is not None:
+            out.update({f'eval_ema/{k}': v for k, v in
+                        evaluate(state.ema_params, eval_batches, eval_step).items()})
+        return out
+
+    train_iter = pipeline.GlobalBatches(
+        pipeline.train_dataset(spec, config, local_batch, start_example=examples_read),
+        batch_sharding, f'{spec.builder.name} train')
+    writer = MetricWriter(workdir)
+    progress = Progress(config.progress, start_step, total_steps)
+    preemption = PreemptionFlag()
+    if jax.process_index() == 0:
+        print(f'Training {config.model.name} ({num_classes} classes) on {spec.builder.name} '
+              f'for {total_steps} steps of {config.batch_size} images, mesh '
+              f'{dict(mesh.shape)}, workdir {workdir}', flush=True)
+
+    def save(step, metrics=None):
+        meta = {'examples_per_process': step * local_batch, 'batch_size': config.batch_size,
+                'step': step}
+        checkpoint.save(manager, step, state, meta, metrics)
+
+    sums, last_log_step, last_log_time = None, start_step, time.perf_counter()
+    final_metrics: dict[str, float] = {}
+    step = start_step
+    try:
+        while step < total_steps:
+            batch = next(train_iter)
+            try:
+                state, metrics = train_step(state, batch, train_rng)
+            except jax.errors.JaxRuntimeError as e:
+                raise _explain_runtime_error(e) from e
+            step += 1
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            is_last = step == total_steps
+            log_now = step % config.log_every_steps == 0 or is_last
+            ckpt_now = step % config.checkpoint_every_steps == 0 or is_last
+            eval_now = step % config.eval_every_steps == 0 or is_last
+            stop_now = preemption.any_process()
+            logged = None
+            if log_now or ckpt_now or eval_now or stop_now:
+                n = step - last_log_step
+                now = time.perf_counter()
+                logged = {f'train/{k}': float(v) / n for k, v in jax.device_get(sums).items()}
+                if not math.isfinite(logged['train/loss']):
+                    raise FloatingPointError(
+                        f'Non-finite training loss at step {step} (mean over steps '
+                        f'{last_log_step + 1}-{step}). The last good checkpoint (step '
+                        f'{manager.latest_step()}) is kept in {workdir}. Lower '
+                        'config.optimizer.base_lr, set config.optimizer.grad_clip_norm, or '
+                        "use config.compute_dtype='float32'.")
+                logged['train/lr'] = float(schedule(step - 1))
+                logged['train/images_per_s'] = n * config.batch_size / (now - last_log_time)
+                sums, last_log_step, last_log_time = None, step, now
+            if eval_now:
+                logged.update(run_eval(state))
+                final_metrics = logged
+            if logged and (log_now or eval_now):
+                writer.write(step, logged)
+            progress.update(step, logged if log_now or eval_now else None)
+            if ckpt_now or stop_now:
+                best = {config.best_metric: logged[config.best_metric]} \
+                    if logged and config.best_metric in logged else None
+                save(step, best)
+                if stop_now and not is_last:
+                    print(f'Preempted (SIGTERM): saved step {step}; rerun the same command '
+                          'to resume.', flush=True)
+                    return final_metrics
+            last_log_time = time.perf_counter() if eval_now or ckpt_now else last_log_time
+    finally:
+        progress.close()
+        writer.close()
+        preemption.restore()
+    if not final_metrics and start_step >= total_steps:
+        final_metrics = {'step': total_steps, **run_eval(state)}
+    if jax.process_index() == 0 and final_metrics:
+        line = f"Final eval: top-1 {final_metrics['eval/top1']:.4f}, " \
+               f"top-5 {final_metrics['eval/top5']:.4f}"
+        if 'eval_ema/top1' in final_metrics:
+            line += f", EMA top-1 {final_metrics['eval_ema/top1']:.4f}"
+        print(line, flush=True)
+    return final_metrics
