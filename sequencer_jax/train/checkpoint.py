@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
 
@@ -52,18 +54,31 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Any, dict] | None:
     """The newest checkpoint that restores, as (state, meta); None when there is none.
 
-    A corrupt or partly written newest checkpoint is skipped with a warning and the one
-    before it is used.
+    A corrupt or partly written newest checkpoint is skipped with a warning, moved aside
+    to ``<workdir>/checkpoints_unreadable/<step>`` (kept for inspection, and out of the way
+    of the step that will be saved again), and the one before it is used.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any failure means: try the previous one
-            logging.warning('Checkpoint at step %d could not be restored (%s: %s); '
-                            'falling back to the previous one.', step, type(e).__name__, e)
+            logging.warning('Checkpoint at step %d could not be restored (%s: %s).',
+                            step, type(e).__name__, e)
             print(f'WARNING: checkpoint at step {step} is unreadable ({type(e).__name__}); '
                   'falling back to the previous one.', flush=True)
+            _move_aside(manager, step)
             continue
         return restored['state'], restored['meta']
     return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    directory = os.fspath(manager.directory)
+    target = os.path.join(os.path.dirname(directory), f'{CHECKPOINT_DIR}_unreadable')
+    if jax.process_index() == 0:
+        os.makedirs(target, exist_ok=True)
+        os.replace(os.path.join(directory, str(step)),
+                   os.path.join(target, f'{step}_{int(time.time())}'))
+    multihost_utils.sync_global_devices(f'move aside checkpoint {step}')
+    manager.reload()

@@ -135,30 +135,42 @@ def _explain_runtime_error(e: Exception) -> Exception:
     return e
 
 
-def initial_params(config, model, params: Any) -> Any:
-    """Loads ``config.init_from`` (a converted PyTorch dir or a training workdir) into
-    ``params``; the classifier head is re-initialised when asked or when its shape differs."""
-    source = os.path.abspath(os.path.expanduser(config.init_from))
+def load_checkpoint_params(source: str) -> tuple[Any, Any, Any]:
+    """Params from a converted PyTorch dir or a training workdir's newest checkpoint.
+
+    Returns (params, ema_params or None, model or None); the model is known only for a
+    converted dir (from its model.json).
+    """
+    source = os.path.abspath(os.path.expanduser(source))
     if os.path.exists(os.path.join(source, convert.MODEL_INFO_FILE)):
-        _, loaded = convert.load_converted(source)
-        loaded = loaded['params']
-    else:
-        manager = checkpoint.make_manager(source, 1, None)
-        if manager.latest_step() is None:
-            raise ValueError(f'config.init_from={config.init_from!r} is neither a converted '
-                             'checkpoint (python -m sequencer_jax.convert) nor a workdir with '
-                             'checkpoints.')
-        restored = manager.restore(manager.latest_step(), args=checkpoint.ocp.args.Composite(
-            state=checkpoint.ocp.args.StandardRestore()))
-        loaded = restored['state']['params']
-    loaded = dict(loaded)
+        model, variables = convert.load_converted(source)
+        return variables['params'], None, model
+    manager = checkpoint.make_manager(source, 1, None) if os.path.isdir(source) else None
+    if manager is None or manager.latest_step() is None:
+        raise ValueError(f'{source} is neither a converted checkpoint (python -m '
+                         'sequencer_jax.convert) nor a training workdir with checkpoints.')
+    restored = manager.restore(manager.latest_step(), args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore()))['state']
+    return restored['params'], restored.get('ema_params'), None
+
+
+def match_layout(params: Any, model) -> Any:
+    """Converts unrolled block params to the scan_blocks layout when the model scans."""
+    if model.scan_blocks and 'stages_0_blocks_0' in params:
+        return convert.stack_stage_blocks(params, model.layers)
+    return params
+
+
+def initial_params(config, model, params: Any) -> Any:
+    """Loads ``config.init_from`` into ``params`` (fine-tuning); the classifier head is
+    re-initialised when ``config.reinit_head`` or when its shape differs."""
+    loaded, _, _ = load_checkpoint_params(config.init_from)
+    loaded = dict(match_layout(loaded, model))
     head_differs = jax.tree.map(jnp.shape, loaded.get('head')) != \
         jax.tree.map(jnp.shape, params.get('head'))
     if config.reinit_head or head_differs:
         loaded['head'] = params['head']
-    expected = jax.tree.map(jnp.shape, params)
-    got = jax.tree.map(jnp.shape, loaded)
-    if expected != got:
+    if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, loaded):
         raise ValueError(f'config.init_from={config.init_from!r} does not match '
                          f'{config.model.name} with config.model.args; parameter shapes differ.')
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
@@ -177,11 +189,11 @@ def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) ->
             'loss': totals['loss_sum'] / count}
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
-    final evaluation metrics."""
+    final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
     spec = pipeline.dataset_spec(config.dataset)
     num_classes = config.model.num_classes or spec.num_classes
     model = build_model(config, num_classes)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Helpers shared by the launch scripts (sourced, not run).
+# DRY_RUN=1 prints each command instead of running it.
+
+# run CMD ARGS...: runs the command, or prints it (shell-quoted) when DRY_RUN=1.
+run() {
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# require NAME...: fails with a clear message if an environment variable is unset.
+require() {
+  local name
+  for name in "$@"; do
+    if [[ -z "${!name:-}" ]]; then
+      echo "error: set ${name} (see launch/README.md)" >&2
+      exit 2
+    fi
+  done
+}

@@ -1,0 +1,106 @@
+"""Evaluates a checkpoint on a TFDS split at one or several resolutions.
+
+    python -m sequencer_jax.evaluate --config=configs/imagenet.py \
+        --checkpoint=/path/to/workdir_or_converted_dir --resolutions=224,256,288 \
+        --output_json=/tmp/eval.json
+
+``--checkpoint`` is a training workdir (its newest checkpoint; the model comes from
+``--config``) or a directory written by ``python -m sequencer_jax.convert`` (the model
+comes from its model.json). The dataset, batch size and mesh come from ``--config``.
+Every example of the split counts exactly once (padded, masked batches).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'training workdir or converted dir')
+_RESOLUTIONS = flags.DEFINE_list('resolutions', None,
+                                 'comma-separated image sizes (default: the config\'s)')
+_CROP_PCT = flags.DEFINE_float('crop_pct', None, 'centre-crop fraction (default: config)')
+_SPLIT = flags.DEFINE_string('split', None, 'TFDS split (default: the config\'s eval split)')
+_EMA = flags.DEFINE_bool('ema', False, 'evaluate the EMA weights of a training checkpoint')
+_OUTPUT = flags.DEFINE_string('output_json', None, 'write the results table here')
+
+
+def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
+                        crop_pct: float | None = None, split: str | None = None,
+                        use_ema: bool = False) -> list[dict]:
+    """Rows ``{'resolution', 'top1', 'top5', 'loss', 'examples'}``, one per resolution."""
+    from sequencer_jax.data import pipeline
+    from sequencer_jax.train import loop, mesh as mesh_lib, steps
+
+    params, ema_params, model = loop.load_checkpoint_params(checkpoint_dir)
+    spec = pipeline.dataset_spec(config.dataset)
+    if model is None:
+        model = loop.build_model(config, config.model.num_classes or spec.num_classes)
+    if use_ema:
+        if ema_params is None:
+            raise ValueError(f'{checkpoint_dir} has no EMA weights; drop --ema.')
+        params = ema_params
+    params = loop.match_layout(params, model)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
+    params = jax.device_put(params, param_shardings)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+                        in_shardings=(param_shardings, batch_sharding),
+                        out_shardings=mesh_lib.replicated(mesh))
+    batch = config.eval_batch_size or config.batch_size
+    local_batch = pipeline.local_batch_size(batch, mesh_lib.num_batch_shards(mesh))
+    split = split or spec.eval_split
+    rows = []
+    for resolution in resolutions:
+        model._check_input(jax.numpy.zeros((1, resolution, resolution, 3)))
+
+        def batches(resolution=resolution):
+            ds, n = pipeline.eval_dataset(spec, config, local_batch, image_size=resolution,
+                                          crop_pct=crop_pct, split=split)
+            return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
+
+        result = loop.evaluate(params, batches, eval_step)
+        rows.append({'resolution': resolution, **result,
+                     'examples': spec.builder.info.splits[split].num_examples})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f'{"resolution":>10} {"top-1":>8} {"top-5":>8} {"loss":>8} {"examples":>9}']
+    for r in rows:
+        lines.append(f'{r["resolution"]:>10} {r["top1"]:>8.4f} {r["top5"]:>8.4f} '
+                     f'{r["loss"]:>8.4f} {r["examples"]:>9}')
+    return '\n'.join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if _CONFIG.value is None or _CHECKPOINT.value is None:
+        raise app.UsageError('Both --config and --checkpoint are required.')
+    config = _CONFIG.value
+    try:
+        resolutions = [int(r) for r in (_RESOLUTIONS.value or [config.eval_image_size
+                                                               or config.image_size])]
+        rows = evaluate_checkpoint(config, _CHECKPOINT.value, resolutions, _CROP_PCT.value,
+                                   _SPLIT.value, _EMA.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if jax.process_index() == 0:
+        print(format_table(rows))
+        if _OUTPUT.value:
+            os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+            with open(_OUTPUT.value, 'w') as f:
+                json.dump({'checkpoint': _CHECKPOINT.value, 'rows': rows}, f, indent=1)
+            print(f'wrote {_OUTPUT.value}')
+
+
+if __name__ == '__main__':
+    app.run(main)

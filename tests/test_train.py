@@ -1,0 +1,259 @@
+"""The training system on CPU with 8 fake devices: meshes, resume, multi-process, CLIs."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mini_imagenet
+from sequencer_jax import config_defaults
+from sequencer_jax.train import loop, mesh as mesh_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_MODEL = dict(layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(16, 24, 24, 24),
+                  hidden_sizes=(4, 6, 6, 6), drop_path_rate=0.1)
+
+
+def load_config(filename, arg=None):
+    spec = importlib.util.spec_from_file_location('config', ROOT / 'configs' / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('tfds'))
+
+
+def tiny_config(data_dir, steps=4, **overrides):
+    config = load_config('default.py')
+    config.model.args = TINY_MODEL
+    config.dataset.data_dir = data_dir
+    config.batch_size = 16
+    config.num_train_steps = steps
+    config.log_every_steps = 1
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 2
+    config.progress = 'lines'
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split('.')
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    config.lock()
+    return config
+
+
+def losses(workdir):
+    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    return {r['step']: r['train/loss'] for r in map(json.loads, lines) if 'train/loss' in r}
+
+
+def final_params(workdir):
+    params, _, _ = loop.load_checkpoint_params(str(workdir))
+    return jax.tree.map(np.asarray, params)
+
+
+def test_meshes_give_the_same_losses_as_one_device(data_dir, tmp_path):
+    reference = tmp_path / 'one'
+    loop.train_and_evaluate(tiny_config(data_dir, mesh=[('data', 1), ('fsdp', 1)]),
+                            str(reference), devices=jax.devices()[:1])
+    expected = losses(reference)
+    assert sorted(expected) == [1, 2, 3, 4]
+    for mesh in ([('data', 8), ('fsdp', 1)], [('data', 4), ('fsdp', 2)],
+                 [('data', 1), ('fsdp', 8)]):
+        workdir = tmp_path / f'{mesh[0][1]}x{mesh[1][1]}'
+        loop.train_and_evaluate(tiny_config(data_dir, mesh=mesh), str(workdir))
+        got = losses(workdir)
+        np.testing.assert_allclose([got[s] for s in sorted(got)],
+                                   [expected[s] for s in sorted(expected)], rtol=2e-5)
+
+
+def test_fsdp_rules_shard_large_parameters():
+    import sequencer_jax as sj
+    model = sj.create_model('sequencer2d_s', num_classes=1000)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               np.zeros((1, 224, 224, 3), np.float32)))
+    mesh = mesh_lib.make_mesh([('data', 1), ('fsdp', -1)])
+    shardings = mesh_lib.tree_shardings(params, mesh, [('.*', 'fsdp')])['params']
+    block = shardings['stages_1_blocks_0']
+    assert block['mlp_channels']['fc1']['kernel'].spec == jax.sharding.PartitionSpec(None, 'fsdp')
+    assert block['rnn_tokens']['rnn_v']['w_ih'].spec == \
+        jax.sharding.PartitionSpec(None, 'fsdp')  # [2, 384, 384]: first largest dim
+    assert block['norm1']['scale'].spec == jax.sharding.PartitionSpec()  # small: replicated
+    replicate = mesh_lib.tree_shardings(params, mesh, [('head', 'fsdp'), ('.*', 'replicate')])
+    assert replicate['params']['head']['kernel'].spec != jax.sharding.PartitionSpec()
+    assert replicate['params']['stages_1_blocks_0']['mlp_channels']['fc1']['kernel'].spec == \
+        jax.sharding.PartitionSpec()
+    with pytest.raises(ValueError, match='needs 16 devices but 8'):
+        mesh_lib.make_mesh([('data', 4), ('fsdp', 4)])
+    with pytest.raises(ValueError, match='-1 for one axis only'):
+        mesh_lib.make_mesh([('data', -1), ('fsdp', -1)])
+    with pytest.raises(ValueError, match='Unknown param rule'):
+        mesh_lib.tree_shardings(params, mesh, [('.*', 'tensor')])
+
+
+class StopAfter(loop.PreemptionFlag):
+    """Behaves as if SIGTERM arrived after ``n`` steps."""
+
+    n = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def any_process(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
+    config = tiny_config(data_dir, steps=6, mesh=[('data', 4), ('fsdp', 2)])
+    loop.train_and_evaluate(config, str(tmp_path / 'straight'))
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, 'PreemptionFlag', StopAfter)
+        loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    assert sorted(losses(tmp_path / 'resumed')) == [1, 2, 3]
+    loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
+    assert losses(tmp_path / 'resumed') == losses(tmp_path / 'straight')
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / 'straight'),
+                 final_params(tmp_path / 'resumed'))
+
+
+def test_sigterm_sets_the_preemption_flag():
+    flag = loop.PreemptionFlag()
+    try:
+        assert not flag.any_process()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.any_process()
+    finally:
+        flag.restore()
+
+
+def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path, capsys):
+    workdir = str(tmp_path / 'run')
+    loop.train_and_evaluate(tiny_config(data_dir, steps=4, mesh=[('data', 1), ('fsdp', 8)]),
+                            workdir)
+    # Continue the 8-device fsdp checkpoint on 4 devices with another mesh.
+    loop.train_and_evaluate(tiny_config(data_dir, steps=6, mesh=[('data', 2), ('fsdp', 2)]),
+                            workdir, devices=jax.devices()[:4])
+    assert 'Resuming from step 4' in capsys.readouterr().out
+    assert max(losses(workdir)) == 6
+    # Corrupt the newest checkpoint: the run falls back to the one before it.
+    newest = pathlib.Path(workdir) / 'checkpoints' / '6' / 'state'
+    for f in newest.rglob('*'):
+        if f.is_file():
+            f.write_bytes(b'garbage')
+    loop.train_and_evaluate(tiny_config(data_dir, steps=8), workdir)
+    out = capsys.readouterr().out
+    assert 'checkpoint at step 6 is unreadable' in out and 'Resuming from step 4' in out
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir, steps=6, **{'optimizer.base_lr': 1e30,
+                                               'optimizer.warmup_epochs': 0})
+    with pytest.raises(FloatingPointError, match=r'Non-finite training loss at step \d'):
+        loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_default_main_job_learns_the_digits(data_dir, tmp_path):
+    config = load_config('default.py')
+    config.dataset.data_dir = data_dir
+    config.num_epochs = 8
+    config.progress = 'lines'
+    config.lock()
+    metrics = loop.train_and_evaluate(config, str(tmp_path))
+    history = losses(tmp_path)
+    assert history[max(history)] < 0.5 * history[min(history)]
+    assert metrics['eval/top1'] > 0.8  # chance is 0.1
+
+
+def test_config_variants_and_errors():
+    config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16')
+    assert (config.model.name, config.model.args.drop_path_rate) == ('sequencer2d_l', 0.4)
+    assert config.mesh == [('data', 4), ('fsdp', 2)] and config.compute_dtype == 'bfloat16'
+    finetune = load_config('finetune.py', 'task=imagenet392')
+    assert (finetune.image_size, finetune.crop_pct, finetune.optimizer.base_lr) == (392, 1.0, 5e-5)
+    flowers = load_config('finetune.py', 'task=oxford_flowers102')
+    assert flowers.dataset.train_split == 'train+validation'
+    with pytest.raises(ValueError, match="Bad config variant 'modle=x'"):
+        load_config('imagenet.py', 'modle=x')
+    with pytest.raises(ValueError, match='Unknown mesh'):
+        load_config('imagenet.py', 'mesh=huge')
+    with pytest.raises(ValueError, match='Unknown fine-tuning task'):
+        load_config('finetune.py', 'task=mnist')
+    locked = config_defaults.base_config()
+    locked.lock()
+    with pytest.raises(AttributeError):
+        locked.batchsize = 3
+
+
+def _cli(args, env_extra=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2')
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
+    mini_imagenet.write_mini_imagenet(str(tmp_path / 'tfds' / 'downloads' / 'manual'),
+                                      per_class=6)
+    workdir = tmp_path / 'work'
+    common = [f'--config.dataset.data_dir={tmp_path / "tfds"}', '--config.image_size=28',
+              '--config.batch_size=8', '--config.eval_batch_size=8']
+    run = _cli(['sequencer_jax.main', '--config=configs/imagenet.py:model=sequencer2d_s',
+                f'--workdir={workdir}', '--config.num_train_steps=2',
+                '--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
+                '--config.progress=lines', *common])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'Final eval: top-1' in run.stdout
+    assert sorted(losses(workdir)) == [1, 2]
+    out = tmp_path / 'eval.json'
+    evaluation = _cli(['sequencer_jax.evaluate', '--config=configs/imagenet.py',
+                       f'--checkpoint={workdir}', '--resolutions=28,42',
+                       f'--output_json={out}', *common])
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    rows = json.loads(out.read_text())['rows']
+    assert [r['resolution'] for r in rows] == [28, 42]
+    assert all(r['examples'] == 6 and 0 <= r['top1'] <= 1 for r in rows)
+    bad = _cli(['sequencer_jax.main', '--config=configs/imagenet.py', f'--workdir={workdir}',
+                '--config.no_such_key=1'])
+    assert bad.returncode != 0 and 'no_such_key' in bad.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_log_once(data_dir, tmp_path):
+    port = _free_port()
+    workdir = tmp_path / 'work'
+    args = ['sequencer_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
+            f'--coordinator_address=localhost:{port}', '--num_processes=2',
+            '--config.num_train_steps=4', '--config.log_every_steps=2',
+            '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
+            f'--config.dataset.data_dir={data_dir}', '--config.progress=lines']
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2',
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs = [subprocess.Popen([sys.executable, '-m', *args, f'--process_id={i}'], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "mesh {'data': 4, 'fsdp': 1}" in outputs[0][0]
+    assert 'Final eval' in outputs[0][0] and 'Final eval' not in outputs[1][0]
+    assert sorted(losses(workdir)) == [2, 4]  # one metrics.jsonl, written once per step
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
