@@ -118,8 +118,9 @@ class StopAfter(loop.PreemptionFlag):
 
 
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
-    config = tiny_config(data_dir, steps=6, mesh=[('data', 4), ('fsdp', 2)])
-    loop.train_and_evaluate(config, str(tmp_path / 'straight'))
+    config = tiny_config(data_dir, steps=6, mesh=[('data', 4), ('fsdp', 2)], ema_decay=0.9)
+    metrics = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
+    assert {'eval/top1', 'eval/top5', 'eval_ema/top1', 'eval_ema/top5'} <= set(metrics)
     with monkeypatch.context() as patch:
         patch.setattr(loop, 'PreemptionFlag', StopAfter)
         loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
@@ -164,6 +165,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_dir, 
                                                'optimizer.warmup_epochs': 0})
     with pytest.raises(FloatingPointError, match=r'Non-finite training loss at step \d'):
         loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_out_of_memory_errors_say_what_to_change():
+    explained = loop._explain_runtime_error(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
+    assert 'batch_size' in str(explained) and 'remat' in str(explained)
+    other = ValueError('something else')
+    assert loop._explain_runtime_error(other) is other
 
 
 def test_default_main_job_learns_the_digits(data_dir, tmp_path):
