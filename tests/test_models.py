@@ -135,6 +135,21 @@ def test_fused_axes_equal_separate_scans(timm_fixture):
                                separate.apply(variables, images), atol=1e-6)
 
 
+@pytest.mark.parametrize('cell', ['lstm', 'gru', 'rnn'])
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_one_scan_for_both_axes_equals_two_scans_with_gradients(cell, bidirectional):
+    layer = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional)
+    separate = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, fuse_axes=False)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 8))
+    variables = layer.init(jax.random.PRNGKey(1), x)
+    loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+    np.testing.assert_allclose(layer.apply(variables, x), separate.apply(variables, x),
+                               atol=1e-6)
+    g_fused = jax.grad(loss(layer), argnums=(0, 1))(variables, x)
+    g_separate = jax.grad(loss(separate), argnums=(0, 1))(variables, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_fused, g_separate)
+
+
 TINY = dict(layers=(1, 1, 2, 1), embed_dims=(16, 24, 24, 24), hidden_sizes=(4, 6, 6, 6))
 
 

@@ -66,3 +66,20 @@ def test_every_variant_tiny_logits_equal_torch(name):
 @pytest.mark.parametrize('name', ['sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l'])
 def test_full_size_logits_equal_timm(name):
     _check(name, [(224, 224), (168, 252)])
+
+
+@pytest.mark.parametrize('name', ['sequencer2d_s', 'gru_sequencer2d_s', 'rnn_sequencer2d_s',
+                                  'sequencer2d_s_unidirectional', 'v_sequencer_s'])
+def test_input_gradients_equal_torch(name):
+    overrides = TINY_VANILLA if name == 'v_sequencer_s' else TINY
+    torch.manual_seed(0)
+    reference = torch_reference.build(name, 7, **overrides)
+    images = np.random.RandomState(1).randn(2, 56, 56, 3).astype(np.float32)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).requires_grad_(True)
+    torch.sin(reference(x)).sum().backward()
+    expected = x.grad.permute(0, 2, 3, 1).numpy()
+    variables = convert.from_torch_state_dict(reference.state_dict(), name, 7, **overrides)
+    model = sj.create_model(name, 7, **overrides)
+    grad = jax.grad(lambda im: jax.numpy.sum(jax.numpy.sin(model.apply(variables, im))))
+    np.testing.assert_allclose(np.asarray(grad(images)), expected, atol=1e-5,
+                               rtol=1e-4)

@@ -3,10 +3,10 @@
 Every recurrence in Sequencer is short (the side of the patch grid) and very wide
 (every row or column of every image is one sequence). So the work is laid out as:
 
-1. ``input_gates``: one large einsum computes ``x @ W_ih + b`` for all time steps and
-   writes it directly in time-major layout ``[T, K, N, G*D]``. ``K`` stacks independent
-   recurrences that share a length: the two directions, and (for square grids) the
-   vertical and horizontal passes.
+1. ``input_gates``: one large matmul computes ``x @ W_ih + b`` for all time steps and
+   all recurrences; the caller lays it out time-major ``[T, K, N, G*D]``. ``K`` stacks
+   independent recurrences that share a length: the two directions, and (for square
+   grids) the vertical and horizontal passes.
 2. ``run_recurrence``: one ``nn.scan`` over ``T`` whose body only does ``h @ W_hh`` and
    the gate nonlinearities, for all ``K`` recurrences at once.
 
@@ -168,9 +168,11 @@ def run_recurrence(gx: Array, weights: dict[str, Array], cell: Cell, reverse: Se
         gx = jnp.where(flip, gx[::-1], gx)
     zeros = jnp.zeros((k, n, d), jnp.float32)
     carry = (zeros, zeros) if cell.has_cell_state else (zeros,)
-    scan = nn.scan(_Step, variable_broadcast='params', split_rngs={'params': False},
-                   in_axes=(0, nn.broadcast, nn.broadcast), out_axes=0, length=t,
-                   unroll=unroll)
+    # Rematerialising the step recomputes its gates in the backward pass instead of
+    # storing them: measured ~20% faster fwd+bwd on XLA:CPU (less memory traffic).
+    scan = nn.scan(nn.remat(_Step, prevent_cse=False), variable_broadcast='params',
+                   split_rngs={'params': False}, in_axes=(0, nn.broadcast, nn.broadcast),
+                   out_axes=0, length=t, unroll=unroll)
     w_hh = weights['w_hh'].astype(dtype)
     b_hh = weights['b_hh'].astype(jnp.float32)
     _, hs = scan(cell=cell, dtype=dtype)(carry, gx, w_hh, b_hh)
@@ -179,24 +181,17 @@ def run_recurrence(gx: Array, weights: dict[str, Array], cell: Cell, reverse: Se
     return hs
 
 
-def input_gates(spec: str, x: Array, weights: dict[str, Array], cell: Cell,
+def input_gates(x: Array, weights: Sequence[dict[str, Array]], cell: Cell,
                 dtype: Any = jnp.float32) -> Array:
-    """The hoisted input projection ``x @ W_ih + bias`` for all steps and recurrences.
+    """The hoisted input projection ``x @ W_ih + bias`` of several weight sets at once.
 
-    ``spec`` is the einsum from ``x`` and ``w_ih [K, C, G]`` to the time-major gate
-    layout whose last three axes are ``k``, (sequence batch), ``g``.
+    One matmul in the input's own layout (measured faster on XLA:CPU than einsums that
+    write a time-major layout directly, whose transposes XLA fuses poorly):
+    ``x [..., C] -> [..., K_total, G*D]``, the K of every weight set in order.
     """
-    gx = jnp.einsum(spec, x.astype(dtype), weights['w_ih'].astype(dtype),
-                    preferred_element_type=jnp.float32)
-    bias = cell.hoisted_bias(weights['b_ih'], weights['b_hh']).astype(jnp.float32)
-    return gx + _broadcast_bias(bias, spec, gx.ndim)
-
-
-def _broadcast_bias(bias: Array, spec: str, ndim: int) -> Array:
-    """Reshapes a [K, G] bias to broadcast against the einsum output of ``spec``."""
-    out = spec.split('->')[1]
-    shape = [1] * ndim
-    shape[out.index('k')] = bias.shape[0]
-    shape[out.index('g')] = bias.shape[1]
-    return bias.reshape(shape)
-
+    w_ih = jnp.concatenate([w['w_ih'] for w in weights])          # [K, C, G]
+    k, c, g = w_ih.shape
+    kernel = jnp.transpose(w_ih, (1, 0, 2)).reshape(c, k * g).astype(dtype)
+    gx = jnp.dot(x.astype(dtype), kernel, preferred_element_type=jnp.float32)
+    bias = jnp.concatenate([cell.hoisted_bias(w['b_ih'], w['b_hh']) for w in weights])
+    return gx.reshape(*x.shape[:-1], k, g) + bias.astype(jnp.float32)

@@ -8,6 +8,7 @@ that PyTorch weights map one to one (see ``sequencer_jax.convert``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -19,7 +20,10 @@ from sequencer_jax.models import recurrent
 
 Array = jax.Array
 
-UNIONS = ('cat', 'add', 'vertical', 'horizontal')
+# union -> the axes whose recurrences it uses ('v': along H, 'h': along W)
+AXES_OF_UNION = {'cat': ('v', 'h'), 'add': ('v', 'h'), 'vertical': ('v',),
+                 'horizontal': ('h',)}
+UNIONS = tuple(AXES_OF_UNION)
 TOKEN_MIXERS = ('2d', '1d')
 DROP_PATH_SCHEDULES = ('linear', 'constant')
 LAYER_NORM_EPS = 1e-6
@@ -44,21 +48,21 @@ def drop_path(x: Array, rate, *, deterministic: bool, rng: Array | None) -> Arra
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-class LinearWeights(nn.Module):
-    """Kernel ``[in, out]`` (xavier-uniform) and zero bias ``[out]`` of a linear layer.
+def _time_major(z: Array, axis: str) -> Array:
+    """[B, H, W, K, G] -> vertical [H, K, B*W, G] (sequences run along H) or horizontal
+    [W, K, B*H, G]. Explicit transposes: XLA:CPU fuses them better than einsum outputs."""
+    b, h, w, k, g = z.shape
+    if axis == 'v':
+        return jnp.transpose(z, (1, 3, 0, 2, 4)).reshape(h, k, b * w, g)
+    return jnp.transpose(z, (2, 3, 0, 1, 4)).reshape(w, k, b * h, g)
 
-    Used where the layer is applied piecewise by einsums rather than to one tensor.
-    """
 
-    features: int
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[Array, Array]:
-        kernel = self.param('kernel', _xavier_uniform, (in_features, self.features),
-                            self.param_dtype)
-        bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-        return kernel, bias
+def _natural(z: Array, axis: str, b: int, h: int, w: int) -> Array:
+    """The inverse layout for hidden states: [T, K, B*other, D] -> [B, H, W, K, D]."""
+    k, d = z.shape[1], z.shape[-1]
+    if axis == 'v':
+        return jnp.transpose(z.reshape(h, k, b, w, d), (2, 0, 3, 1, 4))
+    return jnp.transpose(z.reshape(w, k, b, h, d), (2, 3, 0, 1, 4))
 
 
 class BiRNN2D(nn.Module):
@@ -114,43 +118,29 @@ class BiRNN2D(nn.Module):
         cell = recurrent.get_cell(self.cell)
         kd = self.num_directions
         reverse = (False, True)[:kd]
-        weights = {}
-        if self.union != 'horizontal':
-            weights['v'] = recurrent.RecurrentWeights(
-                self.hidden_size, self.cell, kd, self.param_dtype, name='rnn_v')(c)
-        if self.union != 'vertical':
-            weights['h'] = recurrent.RecurrentWeights(
-                self.hidden_size, self.cell, kd, self.param_dtype, name='rnn_h')(c)
-        # Time-major gate layouts: vertical [H, K, B, W, G], horizontal [W, K, B, H, G].
-        specs = {'v': 'bhwc,kcg->hkbwg', 'h': 'bhwc,kcg->wkbhg'}
-        gates = {a: recurrent.input_gates(specs[a], x, wt, cell, self.dtype)
-                 for a, wt in weights.items()}
-        run = lambda gx, wt, rev: recurrent.run_recurrence(  # noqa: E731
-            gx.reshape(gx.shape[0], gx.shape[1], -1, gx.shape[-1]), wt, cell, rev,
-            unroll=self.unroll, dtype=self.dtype)
-        if len(weights) == 2 and h == w and self.fuse_axes:
-            hs = run(jnp.concatenate([gates['v'], gates['h']], axis=1),
-                     recurrent.concat_weights([weights['v'], weights['h']]), reverse * 2)
-            outputs = {'v': hs[:, :kd], 'h': hs[:, kd:]}
+        axes = AXES_OF_UNION[self.union]
+        weights = [recurrent.RecurrentWeights(self.hidden_size, self.cell, kd,
+                                              self.param_dtype, name=f'rnn_{a}')(c)
+                   for a in axes]
+        gates = recurrent.input_gates(x, weights, cell, self.dtype)   # [B, H, W, K, G]
+        split = {a: gates[..., i * kd:(i + 1) * kd, :] for i, a in enumerate(axes)}
+        run = functools.partial(recurrent.run_recurrence, cell=cell, unroll=self.unroll,
+                                dtype=self.dtype)
+        if len(axes) == 2 and h == w and self.fuse_axes:
+            hs = run(jnp.concatenate([_time_major(split[a], a) for a in axes], axis=1),
+                     recurrent.concat_weights(weights), reverse=reverse * 2)
+            outputs = {a: _natural(hs[:, i * kd:(i + 1) * kd], a, b, h, w)
+                       for i, a in enumerate(axes)}
         else:
-            outputs = {a: run(gx, weights[a], reverse) for a, gx in gates.items()}
-        # hs are [T, K, B*other, D]; name their axes for the einsums below.
-        outputs['v'] = outputs['v'].reshape(h, kd, b, w, -1) if 'v' in outputs else None
-        outputs['h'] = outputs['h'].reshape(w, kd, b, h, -1) if 'h' in outputs else None
-        layouts = {'v': 'hkbwd', 'h': 'wkbhd'}
-        present = [a for a in ('v', 'h') if outputs[a] is not None]
-        if self.with_fc:
-            kernel, bias = LinearWeights(c, self.param_dtype, name='fc')(self.union_width())
-            kernel = kernel.astype(self.dtype).reshape(-1, kd, self.hidden_size, c)
-            # 'cat' has a kernel block per axis; the other unions share one block.
-            y = sum(jnp.einsum(f'{layouts[a]},kdc->bhwc', outputs[a].astype(self.dtype),
-                               kernel[i if self.union == 'cat' else 0])
-                    for i, a in enumerate(present))
-            return y + bias.astype(self.dtype)
-        parts = [jnp.einsum(f'{layouts[a]}->bhwkd', outputs[a]).reshape(b, h, w, -1)
-                 for a in present]
+            outputs = {a: _natural(run(_time_major(split[a], a), wt, reverse=reverse), a, b, h, w)
+                       for a, wt in zip(axes, weights)}
+        parts = [outputs[a].reshape(b, h, w, -1) for a in axes]
         y = jnp.concatenate(parts, axis=-1) if self.union == 'cat' else sum(parts)
-        return y.astype(self.dtype)
+        y = y.astype(self.dtype)
+        if not self.with_fc:
+            return y
+        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=_xavier_uniform, name='fc')(y)
 
 
 class BiRNN1D(nn.Module):
@@ -182,11 +172,11 @@ class BiRNN1D(nn.Module):
                 f'needs them equal. Use hidden_size={c // kd}.')
         weights = recurrent.RecurrentWeights(
             self.hidden_size, self.cell, kd, self.param_dtype, name='rnn')(c)
-        gx = recurrent.input_gates('bhwc,kcg->hwkbg', x, weights, cell, self.dtype)
-        hs = recurrent.run_recurrence(gx.reshape(h * w, kd, b, -1), weights, cell,
-                                      (False, True)[:kd], unroll=self.unroll,
-                                      dtype=self.dtype)
-        return jnp.einsum('lkbd->blkd', hs).reshape(b, h, w, -1).astype(self.dtype)
+        gates = recurrent.input_gates(x, [weights], cell, self.dtype)   # [B, H, W, K, G]
+        gx = jnp.transpose(gates.reshape(b, h * w, kd, -1), (1, 2, 0, 3))  # [L, K, B, G]
+        hs = recurrent.run_recurrence(gx, weights, cell, (False, True)[:kd],
+                                      unroll=self.unroll, dtype=self.dtype)
+        return jnp.transpose(hs, (2, 0, 1, 3)).reshape(b, h, w, -1).astype(self.dtype)
 
 
 class MLP(nn.Module):
