@@ -65,14 +65,6 @@ def _set_task(config, task):
     config.task = task
 
 
-def _set_model(config, name):
-    config.model.name = name
-
-
-def _set_dtype(config, value):
-    config.compute_dtype = value
-
-
 def get_config(arg=None):
     config = config_defaults.base_config()
     config.task = 'cifar10'
@@ -83,5 +75,5 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 1000
     _set_task(config, 'cifar10')
     return config_defaults.apply_variant(config, arg, {
-        'task': _set_task, 'model': _set_model, 'mesh': config_defaults.set_mesh,
-        'dtype': _set_dtype})
+        'task': _set_task, 'model': config_defaults.set_model,
+        'mesh': config_defaults.set_mesh, 'dtype': config_defaults.set_dtype})

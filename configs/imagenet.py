@@ -17,12 +17,8 @@ DROP_PATH = {'sequencer2d_s': 0.1, 'sequencer2d_m': 0.2, 'sequencer2d_l': 0.4}
 
 
 def _set_model(config, name):
-    config.model.name = name
+    config_defaults.set_model(config, name)
     config.model.args.drop_path_rate = DROP_PATH.get(name, 0.1)
-
-
-def _set_dtype(config, value):
-    config.compute_dtype = value
 
 
 def get_config(arg=None):
@@ -34,4 +30,5 @@ def get_config(arg=None):
     config.eval_every_steps = 6255  # 10 epochs at batch 2048
     config.checkpoint_every_steps = 1000
     return config_defaults.apply_variant(config, arg, {
-        'model': _set_model, 'mesh': config_defaults.set_mesh, 'dtype': _set_dtype})
+        'model': _set_model, 'mesh': config_defaults.set_mesh,
+        'dtype': config_defaults.set_dtype})

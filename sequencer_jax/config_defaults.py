@@ -127,3 +127,13 @@ def set_mesh(config: ml_collections.ConfigDict, value: str) -> None:
     except ValueError:
         raise ValueError(f'Unknown mesh {value!r}: use data, fsdp or DxF (e.g. 4x2).') from None
     config.mesh = [('data', data), ('fsdp', fsdp)]
+
+
+def set_model(config: ml_collections.ConfigDict, name: str) -> None:
+    """Variant ``model=NAME`` (any registered variant)."""
+    config.model.name = name
+
+
+def set_dtype(config: ml_collections.ConfigDict, value: str) -> None:
+    """Variant ``dtype=float32|bfloat16`` (compute dtype; params stay float32)."""
+    config.compute_dtype = value
