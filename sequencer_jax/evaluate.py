@@ -1,8 +1,9 @@
 """Evaluates a checkpoint on a TFDS split at one or several resolutions.
 
     python -m sequencer_jax.evaluate --config=configs/imagenet.py \
-        --checkpoint=/path/to/workdir_or_converted_dir --resolutions=224,256,288 \
-        --output_json=/tmp/eval.json
+        --checkpoint=/path/to/workdir_or_converted_dir \
+        --resolutions=128,160,192,224,256,288,320,384 --output_json=/tmp/eval.json \
+        --plot=/tmp/sweep.png [--compare=/tmp/other_eval.json,...] [--crop_pct=1.0]
 
 ``--checkpoint`` is a training workdir (its newest checkpoint; the model comes from
 ``--config``) or a directory written by ``python -m sequencer_jax.convert`` (the model
@@ -18,23 +19,26 @@ import os
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
-                                          lock_config=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'training workdir or converted dir')
+from sequencer_jax import cli
+
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
 _CROP_PCT = flags.DEFINE_float('crop_pct', None, 'centre-crop fraction (default: config)')
 _SPLIT = flags.DEFINE_string('split', None, 'TFDS split (default: the config\'s eval split)')
 _EMA = flags.DEFINE_bool('ema', False, 'evaluate the EMA weights of a training checkpoint')
-_OUTPUT = flags.DEFINE_string('output_json', None, 'write the results table here')
+_LABEL = flags.DEFINE_string('label', None, 'name of this checkpoint in JSON and plots')
+_PLOT = flags.DEFINE_string('plot', None, 'write a PNG of top-1 against resolution here')
+_COMPARE = flags.DEFINE_list('compare', [], 'earlier --output_json files to plot alongside')
 
 
 def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
                         crop_pct: float | None = None, split: str | None = None,
-                        use_ema: bool = False) -> list[dict]:
-    """Rows ``{'resolution', 'top1', 'top5', 'loss', 'examples'}``, one per resolution."""
+                        use_ema: bool = False, class_mask=None) -> list[dict]:
+    """Rows ``{'resolution', 'top1', 'top5', 'loss', 'examples'}``, one per resolution.
+
+    ``class_mask`` (bool [K]) restricts predictions to a class subset (ImageNet-A/R).
+    """
     from sequencer_jax.data import pipeline
     from sequencer_jax.train import loop, mesh as mesh_lib, steps
 
@@ -51,7 +55,8 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
     params = jax.device_put(params, param_shardings)
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+    eval_step = jax.jit(functools.partial(steps.eval_step, model=model,
+                                          class_mask=class_mask),
                         in_shardings=(param_shardings, batch_sharding),
                         out_shardings=mesh_lib.replicated(mesh))
     batch = config.eval_batch_size or config.batch_size
@@ -68,7 +73,7 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
 
         result = loop.evaluate(params, batches, eval_step)
         rows.append({'resolution': resolution, **result,
-                     'examples': spec.builder.info.splits[split].num_examples})
+                     'examples': pipeline.num_examples(spec.builder.info.splits, split)})
     return rows
 
 
@@ -83,23 +88,34 @@ def format_table(rows: list[dict]) -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if _CONFIG.value is None or _CHECKPOINT.value is None:
+    if cli.CONFIG.value is None or cli.CHECKPOINT.value is None:
         raise app.UsageError('Both --config and --checkpoint are required.')
-    config = _CONFIG.value
+    config = cli.CONFIG.value
     try:
         resolutions = [int(r) for r in (_RESOLUTIONS.value or [config.eval_image_size
                                                                or config.image_size])]
-        rows = evaluate_checkpoint(config, _CHECKPOINT.value, resolutions, _CROP_PCT.value,
+        rows = evaluate_checkpoint(config, cli.CHECKPOINT.value, resolutions, _CROP_PCT.value,
                                    _SPLIT.value, _EMA.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    if jax.process_index() == 0:
-        print(format_table(rows))
-        if _OUTPUT.value:
-            os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-            with open(_OUTPUT.value, 'w') as f:
-                json.dump({'checkpoint': _CHECKPOINT.value, 'rows': rows}, f, indent=1)
-            print(f'wrote {_OUTPUT.value}')
+    if jax.process_index() != 0:
+        return
+    print(format_table(rows))
+    label = _LABEL.value or os.path.basename(os.path.normpath(cli.CHECKPOINT.value))
+    if cli.OUTPUT_JSON.value:
+        os.makedirs(os.path.dirname(os.path.abspath(cli.OUTPUT_JSON.value)), exist_ok=True)
+        with open(cli.OUTPUT_JSON.value, 'w') as f:
+            json.dump({'checkpoint': cli.CHECKPOINT.value, 'label': label, 'rows': rows}, f,
+                      indent=1)
+        print(f'wrote {cli.OUTPUT_JSON.value}')
+    if _PLOT.value:
+        from sequencer_jax.experiments import resolution
+        try:
+            curves = [(label, rows)] + [resolution.load_rows(p) for p in _COMPARE.value]
+        except (ValueError, OSError) as e:
+            raise app.UsageError(f'--compare: {e}') from None
+        resolution.plot_resolution_sweep(curves, _PLOT.value)
+        print(f'wrote {_PLOT.value}')
 
 
 if __name__ == '__main__':

@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
-                                          lock_config=True)
+from sequencer_jax import cli
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints and logs')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-process runs')
@@ -49,12 +48,12 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if cli.CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError('Both --config and --workdir are required.')
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from sequencer_jax.train import loop
     try:
-        loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        loop.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 

@@ -39,6 +39,7 @@ class DatasetSpec:
     num_eval_examples: int
     image_key: str
     label_key: str
+    multi_label: bool = False  # a Sequence of class labels (e.g. ImageNet-ReaL)
 
 
 def _data_dir(config) -> str | None:
@@ -98,21 +99,39 @@ def dataset_spec(config) -> DatasetSpec:
     splits = builder.info.splits
     eval_split = config.eval_split or next(
         (s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
-    for split, what in ((config.train_split, 'train_split'), (eval_split, 'eval_split')):
-        if split is None or split.split('[')[0] not in splits:
-            raise ValueError(f'{builder.name} has no split {split!r}; it has '
-                             f'{sorted(splits.keys())}. Set config.dataset.{what}.')
+    num_eval = num_examples(splits, eval_split)
+    if num_eval is None:
+        raise ValueError(f'{builder.name} has no split {eval_split!r}; it has '
+                         f'{sorted(splits.keys())}. Set config.dataset.eval_split.')
     label = builder.info.features[config.label_key]
-    if not hasattr(label, 'num_classes'):
+    multi_label = isinstance(label, tfds.features.Sequence)
+    class_label = label.feature if multi_label else label
+    if not hasattr(class_label, 'num_classes'):
         raise ValueError(f'{config.label_key!r} of {builder.name} is not a class label.')
-    return DatasetSpec(builder, config.train_split, eval_split, label.num_classes,
-                       splits[config.train_split].num_examples,
-                       splits[eval_split].num_examples, config.image_key, config.label_key)
+    # Evaluation-only datasets (ImageNet-A, ...) have no train split: 0 examples.
+    return DatasetSpec(builder, config.train_split, eval_split, class_label.num_classes,
+                       num_examples(splits, config.train_split) or 0, num_eval,
+                       config.image_key, config.label_key, multi_label)
+
+
+def num_examples(splits, split: str | None) -> int | None:
+    """Examples in a split expression ('train', 'train[:10%]', 'train+validation');
+    None when the dataset has no such split."""
+    if split is None:
+        return None
+    try:
+        return splits[split].num_examples
+    except (KeyError, ValueError):
+        return None
 
 
 def _decode(example, spec: DatasetSpec):
     image = tf.io.decode_image(example[spec.image_key], channels=0, expand_animations=False)
-    return image, tf.cast(example[spec.label_key], tf.int32)
+    label = example[spec.label_key]
+    if spec.multi_label:  # a list of classes -> multi-hot [K]
+        label = tf.reduce_max(tf.one_hot(label, spec.num_classes), axis=0)
+        return image, tf.ensure_shape(label, [spec.num_classes])
+    return image, tf.cast(label, tf.int32)
 
 
 def _read(spec: DatasetSpec, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
@@ -149,6 +168,10 @@ def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: in
     ``start_example`` skips that many examples of this process's stream (for resume);
     the epochs before it are not read again.
     """
+    if spec.num_train_examples == 0:
+        raise ValueError(f'{spec.builder.name} has no examples in the train split '
+                         f'{spec.train_split!r}; it has {sorted(spec.builder.info.splits)}. '
+                         'Set config.dataset.train_split.')
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     split = tfds.even_splits(spec.train_split, n=process_count,
@@ -196,7 +219,7 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
     split = split or spec.eval_split
     image_size = image_size or config.eval_image_size or config.image_size
     crop_pct = config.crop_pct if crop_pct is None else crop_pct
-    total = spec.builder.info.splits[split].num_examples
+    total = num_examples(spec.builder.info.splits, split)
     per_process_max = math.ceil(total / process_count)
     num_batches = math.ceil(per_process_max / local_batch)
     shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
@@ -207,8 +230,9 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
                 'label': label, 'mask': tf.constant(1, tf.int32)}
 
     ds = _read(spec, shard).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    no_label = tf.zeros([spec.num_classes]) if spec.multi_label else tf.constant(0, tf.int32)
     padding = tf.data.Dataset.from_tensors({
-        'image': tf.zeros([image_size, image_size, 3]), 'label': tf.constant(0, tf.int32),
+        'image': tf.zeros([image_size, image_size, 3]), 'label': no_label,
         'mask': tf.constant(0, tf.int32)}).repeat()
     ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
     return ds.prefetch(config.dataset.prefetch).with_options(_options(True)), num_batches

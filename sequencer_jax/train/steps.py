@@ -65,24 +65,34 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                          ema_params=ema), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              class_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Sums over one (padded) batch: ``mask [B]`` marks the real examples.
 
-    batch: ``image [B, H, W, 3]``, integer ``label [B]``, ``mask [B]``.
+    batch: ``image [B, H, W, 3]``, ``label`` either integer ``[B]`` or multi-hot
+    ``[B, K]`` (ImageNet-ReaL: a prediction is right when it is any of the labels;
+    examples without labels are not counted), and ``mask [B]``.
+    class_mask: optional bool ``[K]``; only these classes can be predicted (the
+    200-class ImageNet-A/R subsets).
     Returns counts ``top1``, ``top5``, ``loss_sum`` and ``count``; divide after summing
     over all batches so that every example counts exactly once.
     """
     logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    if class_mask is not None:
+        logits = jnp.where(class_mask, logits, -jnp.inf)
+    num_classes = logits.shape[-1]
     labels = batch['label']
-    mask = batch['mask'].astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    topk = jax.lax.top_k(logits, k)[1]
-    onehot = jax.nn.one_hot(labels, logits.shape[-1])
-    nll = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
+    if labels.ndim == 1:
+        labels = jax.nn.one_hot(labels, num_classes)
+    mask = batch['mask'].astype(jnp.float32) * (jnp.sum(labels, axis=-1) > 0)
+    topk = jax.lax.top_k(logits, min(5, num_classes))[1]
+    hits = jnp.take_along_axis(labels, topk, axis=-1) > 0          # [B, k]
+    logp = jax.nn.log_softmax(logits)
+    # -log P(label set); for one label this is the usual cross-entropy.
+    nll = -jax.nn.logsumexp(jnp.where(labels > 0, logp, -jnp.inf), axis=-1)
     return {
-        'top1': jnp.sum((topk[:, 0] == labels) * mask),
-        'top5': jnp.sum(jnp.any(topk == labels[:, None], axis=-1) * mask),
-        'loss_sum': jnp.sum(nll * mask),
+        'top1': jnp.sum(hits[:, 0] * mask),
+        'top5': jnp.sum(jnp.any(hits, axis=-1) * mask),
+        'loss_sum': jnp.sum(jnp.where(mask > 0, nll, 0.0)),
         'count': jnp.sum(mask),
     }

@@ -1,0 +1,213 @@
+"""The paper's experiments as tools: resolution sweep + plot, robustness scoring, ERF,
+fine-tuning from a checkpoint, and the linear-probe feature-extraction example."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sequencer_jax as sj
+from sequencer_jax import convert
+from sequencer_jax.experiments import erf, linear_probe, resolution, robustness
+from sequencer_jax.train import loop, steps
+from test_train import ROOT, final_params, load_config, tiny_config
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    """A tiny model trained for a few steps on the digits (a training workdir)."""
+    workdir = str(tmp_path_factory.mktemp('trained'))
+    loop.train_and_evaluate(tiny_config(data_dir, steps=4), workdir)
+    return workdir
+
+
+def _run(args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2')
+    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, timeout=600,
+                          capture_output=True, text=True)
+
+
+def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
+    args = ['sequencer_jax.evaluate', '--config=configs/default.py', f'--checkpoint={trained}',
+            f'--config.dataset.data_dir={data_dir}',
+            "--config.model.args={'layers': (1, 1, 1, 1), 'patch_sizes': (4, 2, 1, 1), "
+            "'embed_dims': (16, 24, 24, 24), 'hidden_sizes': (4, 6, 6, 6)}"]
+    first = _run(args + ['--resolutions=24,32,40', f'--output_json={tmp_path / "a.json"}',
+                         '--label=tiny'])
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = json.loads((tmp_path / 'a.json').read_text())['rows']
+    assert [r['resolution'] for r in rows] == [24, 32, 40]
+    assert all(r['examples'] == 360 for r in rows)
+    second = _run(args + ['--resolutions=32,48', '--crop_pct=1.0', '--label=crop1',
+                          f'--output_json={tmp_path / "b.json"}',
+                          f'--plot={tmp_path / "sweep.png"}',
+                          f'--compare={tmp_path / "a.json"}'])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / 'sweep.png').read_bytes()[:8] == PNG_MAGIC
+    bad = _run(args + ['--resolutions=30'])
+    assert bad.returncode != 0 and 'divisible by the total stride 8' in bad.stderr
+
+
+def test_resolution_plot_of_several_checkpoints(tmp_path):
+    curves = [('a', [{'resolution': 224, 'top1': 0.8}, {'resolution': 160, 'top1': 0.7}]),
+              ('b', [{'resolution': 224, 'top1': 0.75}])]
+    resolution.plot_resolution_sweep(curves, str(tmp_path / 'p.png'))
+    assert (tmp_path / 'p.png').read_bytes()[:8] == PNG_MAGIC
+    (tmp_path / 'bad.json').write_text('{}')
+    with pytest.raises(ValueError, match='not an evaluate --output_json'):
+        resolution.load_rows(str(tmp_path / 'bad.json'))
+
+
+def test_mce_arithmetic_on_known_tables():
+    alexnet = {c: {s: e for s in robustness.SEVERITIES}
+               for c, e in robustness.ALEXNET_ERRORS.items()}
+    assert robustness.mean_corruption_error(alexnet)['mCE'] == pytest.approx(100.0)
+    half = {c: {s: e / 2 for s in robustness.SEVERITIES}
+            for c, e in robustness.ALEXNET_ERRORS.items()}
+    assert robustness.mean_corruption_error(half)['mCE'] == pytest.approx(50.0)
+    # One corruption differs per severity: CE is the mean error over severities / AlexNet's.
+    table = {c: {s: 0.5 for s in robustness.SEVERITIES} for c in robustness.ALEXNET_ERRORS}
+    table['fog'] = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}
+    scores = robustness.mean_corruption_error(table)
+    assert scores['fog'] == pytest.approx(100 * 0.3 / 0.819324)
+    expected = np.mean([0.5 / a for c, a in robustness.ALEXNET_ERRORS.items() if c != 'fog']
+                       + [0.3 / 0.819324])
+    assert scores['mCE'] == pytest.approx(100 * expected)
+    assert scores['mCE_unnormalized'] == pytest.approx(100 * (14 * 0.5 + 0.3) / 15)
+    del table['snow']
+    with pytest.raises(ValueError, match="missing \\['snow'\\]"):
+        robustness.mean_corruption_error(table)
+
+
+def test_class_subsets_and_multi_label_scoring():
+    assert len(robustness.IMAGENET_A_CLASSES) == len(set(robustness.IMAGENET_A_CLASSES)) == 200
+    assert len(robustness.IMAGENET_R_CLASSES) == len(set(robustness.IMAGENET_R_CLASSES)) == 200
+    assert max(robustness.IMAGENET_A_CLASSES + robustness.IMAGENET_R_CLASSES) < 1000
+    model = sj.create_model('sequencer2d_s', num_classes=6, layers=(1, 1, 1, 1),
+                            embed_dims=(8, 8, 8, 8), hidden_sizes=(2, 2, 2, 2))
+    images = jnp.zeros((3, 14, 14, 3))
+    params = model.init(jax.random.PRNGKey(0), images)['params']
+    params['head']['bias'] = jnp.arange(6.0)  # always predicts 5, then 4, 3, ...
+    batch = {'image': images, 'label': jnp.array([4, 4, 1]), 'mask': jnp.array([1, 1, 1])}
+    mask = robustness.class_mask(6, [1, 4])  # class 5 is not in the subset: 4 wins
+    out = steps.eval_step(params, batch, model=model, class_mask=jnp.asarray(mask))
+    assert (float(out['top1']), float(out['top5']), float(out['count'])) == (2, 3, 3)
+    multi_hot = jnp.array([[0, 0, 0, 0, 1, 1], [0, 1, 0, 0, 0, 0], [0] * 6], jnp.float32)
+    real = steps.eval_step(params, {**batch, 'label': multi_hot}, model=model)
+    assert (float(real['top1']), float(real['count'])) == (1, 2)  # unlabeled: not counted
+
+
+def test_erf_of_vertical_only_model_is_its_column(tmp_path):
+    # Only vertical recurrences: the centre output sees exactly its column of patches.
+    model = sj.create_model('sequencer2d_vertical', num_classes=0, layers=(1, 1, 1, 1),
+                            patch_sizes=(4, 2, 1, 1), embed_dims=(8, 16, 16, 16),
+                            hidden_sizes=(4, 8, 8, 8))
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(1), images)
+    grad_map = np.asarray(erf.centre_gradient_map(model, variables, images))
+    stride = 8
+    centre = (32 // stride) // 2
+    band = np.zeros((32, 32), bool)
+    band[:, centre * stride:(centre + 1) * stride] = True
+    assert np.all(grad_map[~band] == 0)
+    assert np.all(grad_map[band].reshape(32, stride).sum(1) > 0)  # every row of the band
+    full = sj.create_model('sequencer2d_s', num_classes=0, layers=(1, 1, 1, 1),
+                           patch_sizes=(4, 2, 1, 1), embed_dims=(8, 16, 16, 16),
+                           hidden_sizes=(2, 4, 4, 4))
+    full_map = np.asarray(erf.centre_gradient_map(
+        full, full.init(jax.random.PRNGKey(1), images), images))
+    assert np.all(full_map > 0)  # both axes: the whole image
+    assert 0 < erf.high_contribution_area(grad_map, 0.99) <= band.mean() + 1e-9
+    erf.save_png(grad_map, str(tmp_path / 'erf.png'))
+    assert (tmp_path / 'erf.png').read_bytes()[:8] == PNG_MAGIC
+    shown = erf.normalise_for_display(grad_map)
+    assert shown.max() == pytest.approx(1.0) and shown.min() == 0
+
+
+def test_erf_cli(trained, data_dir, tmp_path):
+    result = _run(['sequencer_jax.experiments.erf', '--config=configs/default.py',
+                   f'--checkpoint={trained}', f'--config.dataset.data_dir={data_dir}',
+                   "--config.model.args={'layers': (1, 1, 1, 1), 'patch_sizes': (4, 2, 1, 1), "
+                   "'embed_dims': (16, 24, 24, 24), 'hidden_sizes': (4, 6, 6, 6)}",
+                   '--num_images=4', f'--output={tmp_path / "erf.png"}'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'erf.png').read_bytes()[:8] == PNG_MAGIC
+    assert np.load(tmp_path / 'erf.npy').shape == (32, 32)
+    assert 'high-contribution area ratio' in result.stdout
+
+
+def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path):
+    source = final_params(trained)
+    config = tiny_config(data_dir, steps=1, init_from=trained, **{'model.num_classes': 7})
+    config.unlock()
+    config.optimizer.base_lr = 0.0  # keep the loaded weights as they are
+    config.optimizer.warmup_lr = 0.0
+    config.optimizer.min_lr = 0.0
+    config.optimizer.weight_decay = 0.0
+    config.lock()
+    loop.train_and_evaluate(config, str(tmp_path))
+    tuned = final_params(tmp_path)
+    assert tuned['head']['kernel'].shape == (24, 7)
+    assert np.all(tuned['head']['kernel'] == 0)  # fresh head (zero-initialised)
+    for name in source:
+        if name != 'head':
+            jax.tree.map(np.testing.assert_array_equal, source[name], tuned[name])
+    config = tiny_config(data_dir, steps=1, init_from=str(tmp_path / 'nothing'))
+    with pytest.raises(ValueError, match='neither a converted checkpoint'):
+        loop.train_and_evaluate(config, str(tmp_path / 'other'))
+
+
+def test_finetune_configs_follow_the_official_recipes():
+    cifar = load_config('finetune.py', 'task=cifar100')
+    assert (cifar.dataset.name, cifar.num_epochs, cifar.optimizer.base_lr,
+            cifar.optimizer.weight_decay, cifar.optimizer.grad_clip_norm,
+            cifar.optimizer.warmup_epochs, cifar.model.args.drop_path_rate,
+            cifar.image_size) == ('cifar100', 200, 1e-4, 1e-4, 1.0, 5, 0.1, 224)
+    cars = load_config('finetune.py', 'task=cars196')
+    assert cars.dataset.name == 'cars196' and cars.augment.randaugment is not None
+    high = load_config('finetune.py', 'task=imagenet392')
+    assert (high.num_epochs, high.optimizer.weight_decay, high.model.args.drop_path_rate) == \
+        (30, 1e-8, 0.4)
+
+
+def test_linear_probe_example_on_converted_weights(timm_fixture, data_dir, tmp_path):
+    info = timm_fixture.case('sequencer2d_s')
+    variables = convert.from_torch_state_dict(timm_fixture.state_dict('sequencer2d_s'),
+                                              'sequencer2d_s', **info['overrides'])
+    convert.save_converted(str(tmp_path / 'ckpt'), 'sequencer2d_s', 5, variables,
+                           info['overrides'])
+    results = linear_probe.main(['--checkpoint', str(tmp_path / 'ckpt'), '--image_size', '28',
+                                 '--data_dir', data_dir])
+    assert set(results) == {'stage0', 'stage1', 'stage2', 'stage3', 'all_stages'}
+    assert results['all_stages'] > 0.5  # chance is 0.1
+
+
+def test_robustness_suites_run_end_to_end(trained, data_dir, monkeypatch):
+    # The real suites need ImageNet-scale downloads; the embedded digits stand in for
+    # them, through the same code path (dataset name, class subset, scoring).
+    config = tiny_config(data_dir, **{'model.num_classes': 10})
+    monkeypatch.setattr(robustness, 'SUITES', {
+        'imagenet_a': ('sklearn_digits', 'test', 'label', (0, 1, 2, 3, 4))})
+    subset = robustness.run_suite(config, trained, 'imagenet_a')
+    assert subset['table'][0]['examples'] == 360
+    assert 0 <= subset['scores']['top1'] <= 100
+    monkeypatch.setattr(robustness, 'CORRUPTED_DATASET', ('sklearn_digits', 'test'))
+    monkeypatch.setattr(robustness, 'ALEXNET_ERRORS', {'fog': 0.8, 'snow': 0.9})
+    corrupted = robustness.run_suite(config, trained, 'imagenet_c')
+    assert len(corrupted['table']) == 10  # 2 corruptions x 5 severities
+    error = 1 - corrupted['table'][0]['top1']
+    assert corrupted['scores']['fog'] == pytest.approx(100 * error / 0.8)
+    assert corrupted['scores']['mCE'] == pytest.approx(
+        (corrupted['scores']['fog'] + corrupted['scores']['snow']) / 2)
