@@ -86,10 +86,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if cli.CONFIG.value is None or cli.CHECKPOINT.value is None:
-        raise app.UsageError('Both --config and --checkpoint are required.')
+    cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
     config = cli.CONFIG.value
     try:
         resolutions = [int(r) for r in (_RESOLUTIONS.value or [config.eval_image_size

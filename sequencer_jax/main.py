@@ -46,10 +46,7 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if cli.CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError('Both --config and --workdir are required.')
+    cli.check_args(argv, config=cli.CONFIG, workdir=_WORKDIR)
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from sequencer_jax.train import loop
     try:

@@ -94,10 +94,7 @@ def compute_erf(config, checkpoint_dir: str, num_images: int, image_size: int) -
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if cli.CONFIG.value is None or cli.CHECKPOINT.value is None:
-        raise app.UsageError('Both --config and --checkpoint are required.')
+    cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
     config = cli.CONFIG.value
     size = _IMAGE_SIZE.value or config.image_size
     try:

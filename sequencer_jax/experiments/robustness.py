@@ -144,10 +144,7 @@ def run_suite(config, checkpoint_dir: str, suite: str) -> dict:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    if None in (cli.CONFIG.value, cli.CHECKPOINT.value, _SUITE.value):
-        raise app.UsageError('--config, --checkpoint and --suite are required.')
+    cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT, suite=_SUITE)
     try:
         result = run_suite(cli.CONFIG.value, cli.CHECKPOINT.value, _SUITE.value)
     except ValueError as e:
