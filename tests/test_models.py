@@ -137,17 +137,38 @@ def test_fused_axes_equal_separate_scans(timm_fixture):
 
 @pytest.mark.parametrize('cell', ['lstm', 'gru', 'rnn'])
 @pytest.mark.parametrize('bidirectional', [True, False])
-def test_one_scan_for_both_axes_equals_two_scans_with_gradients(cell, bidirectional):
-    layer = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional)
-    separate = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, fuse_axes=False)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 8))
-    variables = layer.init(jax.random.PRNGKey(1), x)
+@pytest.mark.parametrize('union', ['cat', 'vertical'])
+def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectional, union):
+    """The default in-place ('natural', custom VJP) recurrence against the reference
+    nn.scan path, with both axes in one recurrence or in two, square and non-square."""
+    reference = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
+                           recurrence='scan', fuse_axes=False)
+    variants = [sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
+                           recurrence=r, fuse_axes=f)
+                for r, f in (('natural', True), ('natural', False), ('scan', True))]
     loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
-    np.testing.assert_allclose(layer.apply(variables, x), separate.apply(variables, x),
+    for shape in ((2, 5, 5, 8), (2, 3, 6, 8)):
+        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        variables = reference.init(jax.random.PRNGKey(1), x)
+        expected = reference.apply(variables, x)
+        g_expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+        for layer in variants:
+            np.testing.assert_allclose(layer.apply(variables, x), expected, atol=1e-6)
+            grads = jax.grad(loss(layer), argnums=(0, 1))(variables, x)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                         grads, g_expected)
+
+
+@pytest.mark.parametrize('cell', ['lstm', 'gru'])
+def test_fast_recurrence_of_the_vanilla_mixer_equals_nn_scan(cell):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 8))
+    fast, reference = (sj.BiRNN1D(4, cell=cell, recurrence=r) for r in ('natural', 'scan'))
+    variables = fast.init(jax.random.PRNGKey(1), x)
+    np.testing.assert_allclose(fast.apply(variables, x), reference.apply(variables, x),
                                atol=1e-6)
-    g_fused = jax.grad(loss(layer), argnums=(0, 1))(variables, x)
-    g_separate = jax.grad(loss(separate), argnums=(0, 1))(variables, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_fused, g_separate)
+    loss = lambda m: lambda v: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 jax.grad(loss(fast))(variables), jax.grad(loss(reference))(variables))
 
 
 TINY = dict(layers=(1, 1, 2, 1), embed_dims=(16, 24, 24, 24), hidden_sizes=(4, 6, 6, 6))
@@ -250,6 +271,8 @@ def test_bad_inputs_raise_clear_errors():
         sj.create_model('sequencer2d_s', hiden_sizes=(1, 1, 1, 1))
     with pytest.raises(ValueError, match='drop path schedule'):
         sj.create_model('sequencer2d_s', drop_path_schedule='cosine')
+    with pytest.raises(ValueError, match="Unknown recurrence 'cudnn'"):
+        sj.create_model('sequencer2d_s', recurrence='cudnn')
     bad_width = sj.create_model('sequencer2d_s_without_fc', **dict(TINY, hidden_sizes=(8, 6, 6, 6)))
     with pytest.raises(ValueError, match='without fc must output its input width'):
         bad_width.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))

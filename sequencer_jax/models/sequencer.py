@@ -8,7 +8,6 @@ that PyTorch weights map one to one (see ``sequencer_jax.convert``).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -24,6 +23,8 @@ Array = jax.Array
 AXES_OF_UNION = {'cat': ('v', 'h'), 'add': ('v', 'h'), 'vertical': ('v',),
                  'horizontal': ('h',)}
 UNIONS = tuple(AXES_OF_UNION)
+TIME_AXIS = {'v': 1, 'h': 2}  # axis of [B, H, W, ...] each pass runs along
+RECURRENCES = ('natural', 'scan')
 TOKEN_MIXERS = ('2d', '1d')
 DROP_PATH_SCHEDULES = ('linear', 'constant')
 LAYER_NORM_EPS = 1e-6
@@ -46,6 +47,13 @@ def drop_path(x: Array, rate, *, deterministic: bool, rng: Array | None) -> Arra
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def _tokens_2d(layer: nn.Module, x: Array) -> Array:
+    """Applies ``layer`` to x [..., C] as one [tokens, C] matrix. XLA:CPU runs the
+    gradient of a dense layer much faster in 2-D than with several batch axes."""
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _time_major(z: Array, axis: str) -> Array:
@@ -80,7 +88,9 @@ class BiRNN2D(nn.Module):
       with_fc: fuse with a Linear back to C channels; without it the union's width
         must already equal C.
       fuse_axes: share one scan between the two axes when H == W.
-      unroll: scan steps unrolled per iteration.
+      recurrence: 'natural' reads the gates in place (``run_recurrence_natural``,
+        faster), 'scan' lays them out time-major for ``nn.scan`` (the reference path).
+      unroll: scan steps unrolled per iteration ('scan' only).
     """
 
     hidden_size: int
@@ -89,12 +99,14 @@ class BiRNN2D(nn.Module):
     union: str = 'cat'
     with_fc: bool = True
     fuse_axes: bool = True
+    recurrence: str = 'natural'
     unroll: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         _check_choice('union', self.union, UNIONS)
+        _check_choice('recurrence', self.recurrence, RECURRENCES)
         recurrent.get_cell(self.cell)
         super().__post_init__()
 
@@ -122,25 +134,34 @@ class BiRNN2D(nn.Module):
         weights = [recurrent.RecurrentWeights(self.hidden_size, self.cell, kd,
                                               self.param_dtype, name=f'rnn_{a}')(c)
                    for a in axes]
-        gates = recurrent.input_gates(x, weights, cell, self.dtype)   # [B, H, W, K, G]
-        split = {a: gates[..., i * kd:(i + 1) * kd, :] for i, a in enumerate(axes)}
-        run = functools.partial(recurrent.run_recurrence, cell=cell, unroll=self.unroll,
-                                dtype=self.dtype)
-        if len(axes) == 2 and h == w and self.fuse_axes:
-            hs = run(jnp.concatenate([_time_major(split[a], a) for a in axes], axis=1),
-                     recurrent.concat_weights(weights), reverse=reverse * 2)
-            outputs = {a: _natural(hs[:, i * kd:(i + 1) * kd], a, b, h, w)
-                       for i, a in enumerate(axes)}
-        else:
-            outputs = {a: _natural(run(_time_major(split[a], a), wt, reverse=reverse), a, b, h, w)
-                       for a, wt in zip(axes, weights)}
+        gates = recurrent.input_gates(x, weights, self.dtype)   # [B, H, W, K, G]
+        # One recurrence for both axes when they have the same length (square grids).
+        groups = [axes] if len(axes) == 2 and h == w and self.fuse_axes else [(a,) for a in axes]
+        outputs = {}
+        for group in groups:
+            first = axes.index(group[0])
+            g = gates[..., first * kd:(first + len(group)) * kd, :]  # group's K, in order
+            wt = recurrent.concat_weights([weights[axes.index(a)] for a in group])
+            rev = reverse * len(group)
+            if self.recurrence == 'natural':
+                time_axes = sum(((TIME_AXIS[a],) * kd for a in group), ())
+                hs = recurrent.run_recurrence_natural(g, wt, cell, time_axes, rev,
+                                                      dtype=self.dtype)
+            else:
+                gx = jnp.concatenate([_time_major(g[..., j * kd:(j + 1) * kd, :], a)
+                                      for j, a in enumerate(group)], axis=1)
+                hs = recurrent.run_recurrence(gx, wt, cell, rev, unroll=self.unroll,
+                                              dtype=self.dtype)
+            for j, a in enumerate(group):
+                outputs[a] = _natural(hs[:, j * kd:(j + 1) * kd], a, b, h, w)
         parts = [outputs[a].reshape(b, h, w, -1) for a in axes]
         y = jnp.concatenate(parts, axis=-1) if self.union == 'cat' else sum(parts)
         y = y.astype(self.dtype)
         if not self.with_fc:
             return y
-        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=_xavier_uniform, name='fc')(y)
+        fc = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=_xavier_uniform, name='fc')
+        return _tokens_2d(fc, y)
 
 
 class BiRNN1D(nn.Module):
@@ -152,11 +173,13 @@ class BiRNN1D(nn.Module):
     hidden_size: int
     cell: str = 'lstm'
     bidirectional: bool = True
+    recurrence: str = 'natural'
     unroll: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        _check_choice('recurrence', self.recurrence, RECURRENCES)
         recurrent.get_cell(self.cell)
         super().__post_init__()
 
@@ -172,10 +195,15 @@ class BiRNN1D(nn.Module):
                 f'needs them equal. Use hidden_size={c // kd}.')
         weights = recurrent.RecurrentWeights(
             self.hidden_size, self.cell, kd, self.param_dtype, name='rnn')(c)
-        gates = recurrent.input_gates(x, [weights], cell, self.dtype)   # [B, H, W, K, G]
-        gx = jnp.transpose(gates.reshape(b, h * w, kd, -1), (1, 2, 0, 3))  # [L, K, B, G]
-        hs = recurrent.run_recurrence(gx, weights, cell, (False, True)[:kd],
-                                      unroll=self.unroll, dtype=self.dtype)
+        gates = recurrent.input_gates(x, [weights], self.dtype).reshape(b, h * w, kd, -1)
+        reverse = (False, True)[:kd]
+        if self.recurrence == 'natural':
+            hs = recurrent.run_recurrence_natural(gates, weights, cell, (1,) * kd, reverse,
+                                                  dtype=self.dtype)
+        else:
+            gx = jnp.transpose(gates, (1, 2, 0, 3))  # [L, K, B, G]
+            hs = recurrent.run_recurrence(gx, weights, cell, reverse, unroll=self.unroll,
+                                          dtype=self.dtype)
         return jnp.transpose(hs, (2, 0, 1, 3)).reshape(b, h, w, -1).astype(self.dtype)
 
 
@@ -189,7 +217,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        out_features = x.shape[-1]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # see _tokens_2d: 2-D matmuls train faster on CPU
         # timm initialises MLP biases with N(0, 1e-6), not zeros.
         dense = lambda f, name: nn.Dense(  # noqa: E731
             f, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier_uniform,
@@ -197,8 +226,8 @@ class MLP(nn.Module):
         x = dense(self.hidden_features, 'fc1')(x)
         x = nn.gelu(x, approximate=False)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        x = dense(out_features, 'fc2')(x)
-        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = dense(shape[-1], 'fc2')(x)
+        return nn.Dropout(self.drop_rate)(x, deterministic=not train).reshape(shape)
 
 
 class SequencerBlock(nn.Module):
@@ -212,6 +241,7 @@ class SequencerBlock(nn.Module):
     union: str = 'cat'
     with_fc: bool = True
     fuse_axes: bool = True
+    recurrence: str = 'natural'
     unroll: int = 1
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
@@ -223,11 +253,11 @@ class SequencerBlock(nn.Module):
             LAYER_NORM_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.token_mixer == '2d':
             mixer = BiRNN2D(self.hidden_size, self.cell, self.bidirectional, self.union,
-                            self.with_fc, self.fuse_axes, self.unroll, self.dtype,
-                            self.param_dtype, name='rnn_tokens')
-        else:
-            mixer = BiRNN1D(self.hidden_size, self.cell, self.bidirectional, self.unroll,
+                            self.with_fc, self.fuse_axes, self.recurrence, self.unroll,
                             self.dtype, self.param_dtype, name='rnn_tokens')
+        else:
+            mixer = BiRNN1D(self.hidden_size, self.cell, self.bidirectional, self.recurrence,
+                            self.unroll, self.dtype, self.param_dtype, name='rnn_tokens')
         mlp = MLP(int(self.mlp_ratio * x.shape[-1]), self.drop_rate, self.dtype,
                   self.param_dtype, name='mlp_channels')
         rng = lambda: self.make_rng('dropout') if train else None  # noqa: E731
@@ -274,6 +304,7 @@ class Sequencer(nn.Module):
     drop_path_rate: float = 0.0
     drop_path_schedule: str = 'linear'
     fuse_axes: bool = True
+    recurrence: str = 'natural'
     unroll: int = 1
     remat: bool = False
     scan_blocks: bool = False
@@ -289,6 +320,7 @@ class Sequencer(nn.Module):
         _check_choice('token mixer', self.token_mixer, TOKEN_MIXERS)
         _check_choice('union', self.union, UNIONS)
         _check_choice('drop path schedule', self.drop_path_schedule, DROP_PATH_SCHEDULES)
+        _check_choice('recurrence', self.recurrence, RECURRENCES)
         recurrent.get_cell(self.cell)
         if self.num_classes < 0:
             raise ValueError(f'num_classes must be >= 0, got {self.num_classes}.')
@@ -331,7 +363,8 @@ class Sequencer(nn.Module):
         return dict(hidden_size=self.hidden_sizes[stage], mlp_ratio=self.mlp_ratios[stage],
                     token_mixer=self.token_mixer, cell=self.cell,
                     bidirectional=self.bidirectional, union=self.union, with_fc=self.with_fc,
-                    fuse_axes=self.fuse_axes, unroll=self.unroll, drop_rate=self.drop_rate,
+                    fuse_axes=self.fuse_axes, recurrence=self.recurrence, unroll=self.unroll,
+                    drop_rate=self.drop_rate,
                     dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _conv(self, stage: int, name: str) -> nn.Conv:
