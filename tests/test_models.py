@@ -146,15 +146,19 @@ def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectio
     variants = [sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
                            recurrence=r, fuse_axes=f)
                 for r, f in (('natural', True), ('natural', False), ('scan', True))]
-    loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+
+    @jax.jit  # one compilation of every path: much faster than running them eagerly
+    def outputs_and_grads(variables, x):
+        loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+        return [(m.apply(variables, x), jax.grad(loss(m), argnums=(0, 1))(variables, x))
+                for m in [reference] + variants]
+
     for shape in ((2, 5, 5, 8), (2, 3, 6, 8)):
         x = jax.random.normal(jax.random.PRNGKey(0), shape)
-        variables = reference.init(jax.random.PRNGKey(1), x)
-        expected = reference.apply(variables, x)
-        g_expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
-        for layer in variants:
-            np.testing.assert_allclose(layer.apply(variables, x), expected, atol=1e-6)
-            grads = jax.grad(loss(layer), argnums=(0, 1))(variables, x)
+        variables = jax.jit(reference.init)(jax.random.PRNGKey(1), x)
+        (expected, g_expected), *others = outputs_and_grads(variables, x)
+        for y, grads in others:
+            np.testing.assert_allclose(y, expected, atol=1e-6)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                          grads, g_expected)
 
