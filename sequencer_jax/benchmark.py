@@ -6,7 +6,13 @@
 Measures in one run: compile time of the forward and of the train step (forward,
 backward, AdamW update), images/s of both (warm-up excluded; median and spread over
 ``--reps`` timed repetitions), and memory; with ``--compare-timm`` the same for timm's
-PyTorch model on the same device and thread count, and the ratios.
+PyTorch model on the same device and thread count, and the ratios. ``--gemm`` adds the
+matmul throughput of the model's largest GEMMs (XLA next to torch), the bound on what a
+compiler can do for a model whose FLOPs are mostly in those GEMMs. ``--compile-only``
+reports compile times and XLA's memory estimate without running, e.g.
+
+    python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
+        --model-args '{"remat": true}' --compile-only
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.05
 # The paper's on-device mixing, so that the step measured is the step trained.
 MIXING = (('mixup_alpha', 0.8), ('cutmix_alpha', 1.0), ('switch_prob', 0.5), ('smoothing', 0.1))
+# --model-args that change the architecture, passed to timm too so both sides match.
+TIMM_ARCH_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
+                  'bidirectional', 'union', 'with_fc')
 
 
 def _time_calls(fn: Callable[[], Any], warmup: int, reps: int, iters: int) -> list[float]:
@@ -69,8 +78,12 @@ def _memory(compiled) -> dict[str, float | None]:
 
 
 def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
-                  iters: int, train: bool = True) -> dict[str, Any]:
-    """Compile time, images/s and memory of our forward and train step."""
+                  iters: int, train: bool = True, timed: bool = True) -> dict[str, Any]:
+    """Compile time, images/s and memory of our forward and train step.
+
+    With ``timed=False`` only compiles: compile times and XLA's memory estimate, e.g.
+    to check that a large configuration fits a device's memory before renting one.
+    """
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randn(batch_size, image_size, image_size, 3), jnp.float32)
     labels = jnp.asarray(rng.randint(0, model.num_classes, batch_size))
@@ -82,7 +95,8 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     compiled = forward.lower(params, images).compile()
     results['forward_compile_s'] = time.perf_counter() - start
     results['forward'] = _summary(_time_calls(
-        lambda: compiled(params, images).block_until_ready(), warmup, reps, iters), batch_size)
+        lambda: compiled(params, images).block_until_ready(), warmup, reps, iters),
+        batch_size) if timed else {}
     results['forward']['memory'] = _memory(compiled)
     if not train:
         return results
@@ -103,19 +117,21 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
         state, metrics = compiled_step(state, batch, key)
         metrics['loss'].block_until_ready()
 
-    results['train'] = _summary(_time_calls(run_step, warmup, reps, iters), batch_size)
+    results['train'] = _summary(_time_calls(run_step, warmup, reps, iters),
+                                batch_size) if timed else {}
     results['train']['memory'] = _memory(compiled_step)
     return results
 
 
 def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int, dtype: str,
-                   warmup: int, reps: int, iters: int, train: bool = True) -> dict[str, Any]:
+                   warmup: int, reps: int, iters: int, train: bool = True,
+                   arch_args: dict | None = None) -> dict[str, Any]:
     """The same figures for timm's PyTorch model (eager; cuDNN LSTM and AMP on GPU)."""
     import timm
     import torch
 
     device = 'cuda' if torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
-    model = timm.create_model(name, num_classes=num_classes).to(device)
+    model = timm.create_model(name, num_classes=num_classes, **(arch_args or {})).to(device)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randn(batch_size, 3, image_size, image_size)
                               .astype(np.float32)).to(device)
@@ -162,8 +178,8 @@ def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int
 
 def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
     rows = [('forward', 'forward'), ('train step', 'train')]
-    print(f'\n{name}: images/s (median [min, max]), compile time')
-    header = f'{"":<12}{"sequencer-jax":>34}'
+    print(f'\n{name}: images/s (median [min, max]), compile time, XLA memory estimate')
+    header = f'{"":<12}{"sequencer-jax":>44}'
     if timm_results:
         header += f'{"timm":>34}{"ratio":>8}'
     print(header)
@@ -171,13 +187,71 @@ def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
         if key not in ours:
             continue
         r = ours[key]
-        line = (f'{label:<12}{r["images_per_s"]:>12.2f} [{r["images_per_s_min"]:.2f}, '
-                f'{r["images_per_s_max"]:.2f}]  {ours[key + "_compile_s"]:>6.1f}s')
+        rate = (f'{r["images_per_s"]:>12.2f} [{r["images_per_s_min"]:.2f}, '
+                f'{r["images_per_s_max"]:.2f}]' if 'images_per_s' in r else f'{"-":>12}')
+        memory = r['memory']['xla_estimate_mib']
+        line = (f'{label:<12}{rate}  {ours[key + "_compile_s"]:>6.1f}s'
+                f'{memory or float("nan"):>9.0f} MiB')
         if timm_results and key in timm_results:
             t = timm_results[key]
             line += (f'{t["images_per_s"]:>12.2f} [{t["images_per_s_min"]:.2f}, '
                      f'{t["images_per_s_max"]:.2f}]  (eager)'
                      f'{r["images_per_s"] / t["images_per_s"]:>8.2f}x')
+        print(line)
+
+
+def dense_shapes(model, batch_size: int, image_size: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of each stage's largest token-wise matmul (the MLP's first Linear):
+    with the input projection, these GEMMs carry most of a Sequencer's FLOPs."""
+    shapes, side = [], image_size
+    for patch, dim, ratio in zip(model.patch_sizes, model.embed_dims, model.mlp_ratios):
+        side //= patch
+        shape = (batch_size * side * side, dim, int(ratio * dim))
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def benchmark_gemm(shapes: list[tuple[int, int, int]], dtype: str, reps: int,
+                   compare_torch: bool) -> list[dict[str, Any]]:
+    """GFLOP/s of XLA's dot (and torch.mm) for each (M, K, N), timed alternately."""
+    rows = []
+    for m, k, n in shapes:
+        a = jnp.ones((m, k), DTYPES[dtype])
+        b = jnp.ones((k, n), DTYPES[dtype])
+        dot = jax.jit(jnp.dot).lower(a, b).compile()
+        calls = {'xla': lambda: dot(a, b).block_until_ready()}
+        if compare_torch:
+            import torch
+            device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() \
+                else 'cpu'
+            ta = torch.ones(m, k, dtype=getattr(torch, dtype), device=device)
+            tb = torch.ones(k, n, dtype=getattr(torch, dtype), device=device)
+            sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+            calls['torch'] = lambda: (ta @ tb, sync())
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(2):
+            for call in calls.values():
+                call()
+        for _ in range(reps):
+            for name, call in calls.items():
+                times[name] += _time_calls(call, 0, 1, 1)
+        flops = 2 * m * k * n
+        row = {'shape': [m, k, n]}
+        for name, ts in times.items():
+            row[f'{name}_gflops'] = flops / statistics.median(ts) / 1e9
+        rows.append(row)
+    return rows
+
+
+def _print_gemm(rows: list[dict[str, Any]]) -> None:
+    print('\nGEMMs of this model (GFLOP/s, median; XLA and torch timed alternately)')
+    for row in rows:
+        m, k, n = row['shape']
+        line = f'  [{m}, {k}] x [{k}, {n}]  XLA {row["xla_gflops"]:8.1f}'
+        if 'torch_gflops' in row:
+            line += (f'   torch {row["torch_gflops"]:8.1f}   ratio '
+                     f'{row["xla_gflops"] / row["torch_gflops"]:.2f}x')
         print(line)
 
 
@@ -193,6 +267,11 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument('--reps', type=int, default=5, help='timed repetitions')
     parser.add_argument('--iters', type=int, default=1, help='calls per repetition')
     parser.add_argument('--forward-only', action='store_true', help='skip the train step')
+    parser.add_argument('--compile-only', action='store_true',
+                        help='only compile: compile times and XLA\'s memory estimate')
+    parser.add_argument('--gemm', action='store_true',
+                        help='also measure the matmul throughput of the model\'s largest '
+                             'GEMM shapes (with --compare-timm: XLA next to torch)')
     parser.add_argument('--compare-timm', action='store_true',
                         help='also measure timm (needs torch and timm installed)')
     parser.add_argument('--threads', type=int, default=None,
@@ -208,6 +287,8 @@ def main(argv=None) -> dict[str, Any]:
         model._check_input(jnp.zeros((1, args.image_size, args.image_size, 3)))
     except (ValueError, json.JSONDecodeError) as e:
         parser.exit(2, f'error: {e}\n')
+    if args.compile_only and args.compare_timm:
+        parser.exit(2, 'error: --compile-only measures no speed; drop --compare-timm.\n')
     if args.compare_timm:
         try:
             import timm  # noqa: F401
@@ -228,17 +309,22 @@ def main(argv=None) -> dict[str, Any]:
           f'{args.image_size}px, {args.dtype}', flush=True)
     results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
                                              args.warmup, args.reps, args.iters,
-                                             not args.forward_only)
+                                             not args.forward_only, not args.compile_only)
     timm_results = None
     if args.compare_timm:
         timm_results = benchmark_timm(args.model, args.num_classes, args.batch_size,
                                       args.image_size, args.dtype, args.warmup, args.reps,
-                                      args.iters, not args.forward_only)
+                                      args.iters, not args.forward_only,
+                                      {k: v for k, v in overrides.items() if k in TIMM_ARCH_ARGS})
         results['timm'] = timm_results
         results['ratio'] = {k: results['sequencer_jax'][k]['images_per_s']
                             / timm_results[k]['images_per_s']
                             for k in ('forward', 'train') if k in timm_results}
     _print_table(args.model, results['sequencer_jax'], timm_results)
+    if args.gemm:
+        results['gemm'] = benchmark_gemm(dense_shapes(model, args.batch_size, args.image_size),
+                                         args.dtype, args.reps, args.compare_timm)
+        _print_gemm(results['gemm'])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)

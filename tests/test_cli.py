@@ -32,3 +32,22 @@ def test_benchmark_cli_rejects_bad_input():
     assert err.value.code == 2
     with pytest.raises(SystemExit):
         benchmark.main(['--model-args', '{"unrol": 2}'])
+
+
+def test_benchmark_compile_only_shows_remat_saving_memory(capsys):
+    """--compile-only reports XLA's memory estimate without running; remat over scanned
+    blocks must shrink the train step's (what lets sequencer2d_l fit at batch 64)."""
+    estimates = {}
+    for remat in (False, True):
+        args = json.loads(TINY_ARGS) | {'remat': remat, 'layers': [3, 1, 1, 1]}
+        results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '32',
+                                  '--image-size', '56', '--num-classes', '5',
+                                  '--model-args', json.dumps(args), '--compile-only'])
+        train = results['sequencer_jax']['train']
+        assert 'images_per_s' not in train
+        estimates[remat] = train['memory']['xla_estimate_mib']
+    assert estimates[True] < 0.7 * estimates[False]
+    assert 'train step' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        benchmark.main(['--compile-only', '--compare-timm'])
+    assert err.value.code == 2
