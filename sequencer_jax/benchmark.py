@@ -12,7 +12,7 @@ compiler can do for a model whose FLOPs are mostly in those GEMMs. ``--compile-o
 reports compile times and XLA's memory estimate without running, e.g.
 
     python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
-        --model-args '{"remat": true}' --compile-only
+        --model-args '{"remat": true, "scan_blocks": true}' --compile-only
 """
 
 from __future__ import annotations
@@ -123,6 +123,16 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     return results
 
 
+def _torch_device():
+    """(device, sync) for torch: the GPU when JAX runs on one too, else the CPU; ``sync``
+    waits for queued work so that timings cover it."""
+    import torch
+
+    if torch.cuda.is_available() and jax.default_backend() == 'gpu':
+        return 'cuda', torch.cuda.synchronize
+    return 'cpu', lambda: None
+
+
 def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int, dtype: str,
                    warmup: int, reps: int, iters: int, train: bool = True,
                    arch_args: dict | None = None) -> dict[str, Any]:
@@ -130,14 +140,13 @@ def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int
     import timm
     import torch
 
-    device = 'cuda' if torch.cuda.is_available() and jax.default_backend() == 'gpu' else 'cpu'
+    device, sync = _torch_device()
     model = timm.create_model(name, num_classes=num_classes, **(arch_args or {})).to(device)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randn(batch_size, 3, image_size, image_size)
                               .astype(np.float32)).to(device)
     labels = torch.from_numpy(rng.randint(0, num_classes, batch_size)).to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     results: dict[str, Any] = {'device': device, 'threads': torch.get_num_threads()}
 
     def forward():
@@ -191,7 +200,7 @@ def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
                 f'{r["images_per_s_max"]:.2f}]' if 'images_per_s' in r else f'{"-":>12}')
         memory = r['memory']['xla_estimate_mib']
         line = (f'{label:<12}{rate}  {ours[key + "_compile_s"]:>6.1f}s'
-                f'{memory or float("nan"):>9.0f} MiB')
+                f'{float("nan") if memory is None else memory:>9.0f} MiB')
         if timm_results and key in timm_results:
             t = timm_results[key]
             line += (f'{t["images_per_s"]:>12.2f} [{t["images_per_s_min"]:.2f}, '
@@ -201,8 +210,9 @@ def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
 
 
 def dense_shapes(model, batch_size: int, image_size: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of each stage's largest token-wise matmul (the MLP's first Linear):
-    with the input projection, these GEMMs carry most of a Sequencer's FLOPs."""
+    """(M, K, N) of each stage's MLP's first Linear ([tokens, C] x [C, ratio*C]): the
+    GEMMs that, with the LSTM input projections of the same M and K, carry most of a
+    Sequencer's FLOPs. Repeated shapes are listed once."""
     shapes, side = [], image_size
     for patch, dim, ratio in zip(model.patch_sizes, model.embed_dims, model.mlp_ratios):
         side //= patch
@@ -223,11 +233,9 @@ def benchmark_gemm(shapes: list[tuple[int, int, int]], dtype: str, reps: int,
         calls = {'xla': lambda: dot(a, b).block_until_ready()}
         if compare_torch:
             import torch
-            device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() \
-                else 'cpu'
+            device, sync = _torch_device()
             ta = torch.ones(m, k, dtype=getattr(torch, dtype), device=device)
             tb = torch.ones(k, n, dtype=getattr(torch, dtype), device=device)
-            sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
             calls['torch'] = lambda: (ta @ tb, sync())
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(2):
