@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sequencer_jax import xla_options
 from sequencer_jax.models import registry
 from sequencer_jax.train import state as state_lib
 from sequencer_jax.train import steps
@@ -90,7 +91,8 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])['params']
     results: dict[str, Any] = {}
 
-    forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    options = xla_options.compiler_options()
+    forward = jax.jit(lambda p, x: model.apply({'params': p}, x), compiler_options=options)
     start = time.perf_counter()
     compiled = forward.lower(params, images).compile()
     results['forward_compile_s'] = time.perf_counter() - start
@@ -105,7 +107,8 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
                      mask=state_lib.weight_decay_mask(params))
     state = state_lib.create_train_state(params, tx)
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                     mix=dict(MIXING)), donate_argnums=0)
+                                     mix=dict(MIXING)), donate_argnums=0,
+                   compiler_options=options)
     batch = {'image': images, 'label': labels}
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
@@ -229,7 +232,8 @@ def benchmark_gemm(shapes: list[tuple[int, int, int]], dtype: str, reps: int,
     for m, k, n in shapes:
         a = jnp.ones((m, k), DTYPES[dtype])
         b = jnp.ones((k, n), DTYPES[dtype])
-        dot = jax.jit(jnp.dot).lower(a, b).compile()
+        dot = jax.jit(jnp.dot, compiler_options=xla_options.compiler_options()).lower(
+            a, b).compile()
         calls = {'xla': lambda: dot(a, b).block_until_ready()}
         if compare_torch:
             import torch

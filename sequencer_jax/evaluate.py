@@ -20,7 +20,7 @@ import os
 import jax
 from absl import app, flags
 
-from sequencer_jax import cli
+from sequencer_jax import cli, xla_options
 
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
@@ -58,7 +58,8 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     eval_step = jax.jit(functools.partial(steps.eval_step, model=model,
                                           class_mask=class_mask),
                         in_shardings=(param_shardings, batch_sharding),
-                        out_shardings=mesh_lib.replicated(mesh))
+                        out_shardings=mesh_lib.replicated(mesh),
+                        compiler_options=xla_options.compiler_options())
     batch = config.eval_batch_size or config.batch_size
     local_batch = pipeline.local_batch_size(batch, mesh_lib.num_batch_shards(mesh))
     split = split or spec.eval_split

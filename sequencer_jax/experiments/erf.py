@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sequencer_jax import cli
+from sequencer_jax import cli, xla_options
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 50, 'eval images to average over')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'input size (default: the config\'s)')
@@ -79,7 +79,8 @@ def compute_erf(config, checkpoint_dir: str, num_images: int, image_size: int) -
     dataset, _ = pipeline.eval_dataset(spec, config, min(num_images, 16),
                                        image_size=image_size, process_index=0,
                                        process_count=1)
-    grad_map = jax.jit(lambda v, x: centre_gradient_map(model, v, x))
+    grad_map = jax.jit(lambda v, x: centre_gradient_map(model, v, x),
+                       compiler_options=xla_options.compiler_options())
     total, seen = np.zeros((image_size, image_size)), 0
     for batch in dataset.as_numpy_iterator():
         images = batch['image'][batch['mask'].astype(bool)][:num_images - seen]

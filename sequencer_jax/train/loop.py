@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from sequencer_jax import convert
+from sequencer_jax import convert, xla_options
 from sequencer_jax.data import pipeline
 from sequencer_jax.models import registry
 from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib, steps
@@ -236,13 +236,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     repl = mesh_lib.replicated(mesh)
     mix = dict(mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
                switch_prob=config.augment.switch_prob, smoothing=config.augment.label_smoothing)
+    options = xla_options.compiler_options()
     train_step = jax.jit(
         functools.partial(steps.train_step, model=model, tx=tx, mix=mix,
                           ema_decay=config.ema_decay),
         in_shardings=(shardings, batch_sharding, repl), out_shardings=(shardings, repl),
-        donate_argnums=0)
+        donate_argnums=0, compiler_options=options)
     eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
-                        in_shardings=(shardings.params, batch_sharding), out_shardings=repl)
+                        in_shardings=(shardings.params, batch_sharding), out_shardings=repl,
+                        compiler_options=options)
 
     def eval_batches():
         ds, n = pipeline.eval_dataset(spec, config, local_eval_batch)
