@@ -229,6 +229,31 @@ def test_bfloat16_compute_keeps_float32_params():
     np.testing.assert_allclose(out, ref, atol=5e-2)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_equals_flax_with_gradients(dtype):
+    """Our LayerNorm (hand-written backward) against flax's (autodiff), same params."""
+    import flax.linen as nn
+    from sequencer_jax.models.sequencer import LayerNorm
+    x = (3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 32)) + 1.0).astype(dtype)
+    ours, ref = LayerNorm(dtype=dtype), nn.LayerNorm(1e-6, dtype=dtype)
+    variables = ref.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.PRNGKey(1), x))
+    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.PRNGKey(2), v.shape),
+                             variables)
+
+    def grads(module):
+        loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x).astype(jnp.float32)))
+        return jax.grad(loss, argnums=(0, 1))(variables, x)
+
+    assert ours.apply(variables, x).dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(ours.apply(variables, x), np.float32),
+                               np.asarray(ref.apply(variables, x), np.float32), atol=tol)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol),
+        grads(ours), grads(ref))
+
+
 @pytest.mark.parametrize('cell', ['lstm', 'gru', 'rnn'])
 def test_gradients_are_finite_and_nonzero(cell):
     model = sj.create_model('sequencer2d_s', num_classes=3, cell=cell, **TINY)
