@@ -6,10 +6,14 @@
 Measures in one run: compile time of the forward and of the train step (forward,
 backward, AdamW update), images/s of both (warm-up excluded; median and spread over
 ``--reps`` timed repetitions), and memory; with ``--compare-timm`` the same for timm's
-PyTorch model on the same device and thread count, and the ratios. ``--gemm`` adds the
-matmul throughput of the model's largest GEMMs (XLA next to torch), the bound on what a
-compiler can do for a model whose FLOPs are mostly in those GEMMs. ``--compile-only``
-reports compile times and XLA's memory estimate without running, e.g.
+PyTorch model on the same device and thread count, and the ratios. Each step's model
+FLOPs come from XLA's cost analysis of our program (timm's does the same math), so both
+sides also get an achieved FLOP/s, and a model FLOPs utilisation with ``--peak-tflops``
+(the device's peak for the dtype). ``--gemm`` adds the throughput of the model's largest
+GEMMs in their three forms (forward ``x @ w``, input gradient ``dy @ w.T``, weight
+gradient ``x.T @ dy``; XLA next to torch, XLA first): the bound on what a compiler can do for a
+model whose FLOPs are mostly in those GEMMs. ``--compile-only`` reports compile times
+and XLA's memory estimate without running, e.g.
 
     python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
         --model-args '{"remat": true, "scan_blocks": true}' --compile-only
@@ -78,6 +82,16 @@ def _memory(compiled) -> dict[str, float | None]:
     return out
 
 
+def _flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program, by XLA's cost analysis (None if the
+    backend has none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get('flops')
+    return float(flops) if flops else None
+
+
 def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
                   iters: int, train: bool = True, timed: bool = True) -> dict[str, Any]:
     """Compile time, images/s and memory of our forward and train step.
@@ -100,6 +114,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
         lambda: compiled(params, images).block_until_ready(), warmup, reps, iters),
         batch_size) if timed else {}
     results['forward']['memory'] = _memory(compiled)
+    results['forward']['flops'] = _flops(compiled)
     if not train:
         return results
 
@@ -123,6 +138,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results['train'] = _summary(_time_calls(run_step, warmup, reps, iters),
                                 batch_size) if timed else {}
     results['train']['memory'] = _memory(compiled_step)
+    results['train']['flops'] = _flops(compiled_step)
     return results
 
 
@@ -212,6 +228,37 @@ def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
         print(line)
 
 
+def flop_rates(results: dict[str, Any], peak_tflops: float | None) -> dict[str, dict]:
+    """Achieved TFLOP/s of each timed step (ours and timm's, same model FLOPs), and its
+    fraction of ``peak_tflops`` when given (model FLOPs utilisation)."""
+    rates: dict[str, dict] = {}
+    for key in ('forward', 'train'):
+        ours = results['sequencer_jax'].get(key, {})
+        if not ours.get('flops') or 'ms_per_step' not in ours:
+            continue
+        row = {'gflops_per_step': ours['flops'] / 1e9}
+        for side in ('sequencer_jax', 'timm'):
+            timed = results.get(side, {}).get(key)
+            if timed:
+                row[f'{side}_tflops'] = ours['flops'] / timed['ms_per_step'] / 1e9
+                if peak_tflops:
+                    row[f'{side}_mfu'] = row[f'{side}_tflops'] / peak_tflops
+        rates[key] = row
+    return rates
+
+
+def _print_flop_rates(rates: dict[str, dict]) -> None:
+    print('\nModel FLOPs (XLA cost analysis) and achieved TFLOP/s [utilisation of --peak-tflops]')
+    for key, row in rates.items():
+        line = f'  {key:<8}{row["gflops_per_step"]:>9.4g} GFLOP/step'
+        for side, label in (('sequencer_jax', 'ours'), ('timm', 'timm')):
+            if f'{side}_tflops' in row:
+                line += f'   {label} {row[f"{side}_tflops"]:.3g}'
+                if f'{side}_mfu' in row:
+                    line += f' [{100 * row[f"{side}_mfu"]:.1f}%]'
+        print(line)
+
+
 def dense_shapes(model, batch_size: int, image_size: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of each stage's MLP's first Linear ([tokens, C] x [C, ratio*C]): the
     GEMMs that, with the LSTM input projections of the same M and K, carry most of a
@@ -225,42 +272,57 @@ def dense_shapes(model, batch_size: int, image_size: int) -> list[tuple[int, int
     return shapes
 
 
+# The three products of a Linear layer x [M, K] @ w [K, N]: forward, input gradient,
+# weight gradient, as (name, operand shapes, function).
+GEMM_FORMS = (
+    ('x @ w', lambda m, k, n: ((m, k), (k, n)), lambda a, b: a @ b),
+    ('dy @ w.T', lambda m, k, n: ((m, n), (k, n)), lambda a, b: a @ b.T),
+    ('x.T @ dy', lambda m, k, n: ((m, k), (m, n)), lambda a, b: a.T @ b),
+)
+
+
 def benchmark_gemm(shapes: list[tuple[int, int, int]], dtype: str, reps: int,
-                   compare_torch: bool) -> list[dict[str, Any]]:
-    """GFLOP/s of XLA's dot (and torch.mm) for each (M, K, N), timed alternately."""
+                   library: str) -> list[dict[str, Any]]:
+    """GFLOP/s of ``library``'s ('xla' or 'torch') matmul for each (M, K, N) in the
+    three forms of ``GEMM_FORMS``: one row per shape and form.
+
+    Run XLA's before torch has run anything: torch's OpenMP workers keep spinning on
+    the cores after each call, which cost XLA up to 40% of its GEMM throughput when the
+    two were timed alternately on 2 cores (with ``OMP_WAIT_POLICY=passive`` the loss
+    went away).
+    """
     rows = []
     for m, k, n in shapes:
-        a = jnp.ones((m, k), DTYPES[dtype])
-        b = jnp.ones((k, n), DTYPES[dtype])
-        dot = jax.jit(jnp.dot, compiler_options=xla_options.compiler_options()).lower(
-            a, b).compile()
-        calls = {'xla': lambda: dot(a, b).block_until_ready()}
-        if compare_torch:
-            import torch
-            device, sync = _torch_device()
-            ta = torch.ones(m, k, dtype=getattr(torch, dtype), device=device)
-            tb = torch.ones(k, n, dtype=getattr(torch, dtype), device=device)
-            calls['torch'] = lambda: (ta @ tb, sync())
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(2):
-            for call in calls.values():
-                call()
-        for _ in range(reps):
-            for name, call in calls.items():
-                times[name] += _time_calls(call, 0, 1, 1)
-        flops = 2 * m * k * n
-        row = {'shape': [m, k, n]}
-        for name, ts in times.items():
-            row[f'{name}_gflops'] = flops / statistics.median(ts) / 1e9
-        rows.append(row)
+        for form, operand_shapes, product in GEMM_FORMS:
+            a_shape, b_shape = operand_shapes(m, k, n)
+            if library == 'xla':
+                a, b = jnp.ones(a_shape, DTYPES[dtype]), jnp.ones(b_shape, DTYPES[dtype])
+                compiled = jax.jit(product, compiler_options=xla_options.compiler_options()
+                                   ).lower(a, b).compile()
+
+                def call():
+                    compiled(a, b).block_until_ready()
+            else:
+                import torch
+                device, sync = _torch_device()
+                a = torch.ones(a_shape, dtype=getattr(torch, dtype), device=device)
+                b = torch.ones(b_shape, dtype=getattr(torch, dtype), device=device)
+
+                def call():
+                    product(a, b)
+                    sync()
+            seconds = statistics.median(_time_calls(call, 2, reps, 1))
+            rows.append({'shape': [m, k, n], 'form': form,
+                         f'{library}_gflops': 2 * m * k * n / seconds / 1e9})
     return rows
 
 
 def _print_gemm(rows: list[dict[str, Any]]) -> None:
-    print('\nGEMMs of this model (GFLOP/s, median; XLA and torch timed alternately)')
+    print('\nGEMMs of this model, x [M, K] @ w [K, N] and its gradients '
+          '(GFLOP/s, median; XLA timed before torch ran)')
     for row in rows:
         m, k, n = row['shape']
-        line = f'  [{m}, {k}] x [{k}, {n}]  XLA {row["xla_gflops"]:8.1f}'
+        line = f'  M={m} K={k} N={n}  {row["form"]:<9} XLA {row["xla_gflops"]:8.1f}'
         if 'torch_gflops' in row:
             line += (f'   torch {row["torch_gflops"]:8.1f}   ratio '
                      f'{row["xla_gflops"] / row["torch_gflops"]:.2f}x')
@@ -284,6 +346,9 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument('--gemm', action='store_true',
                         help='also measure the matmul throughput of the model\'s largest '
                              'GEMM shapes (with --compare-timm: XLA next to torch)')
+    parser.add_argument('--peak-tflops', type=float, default=None,
+                        help='the device\'s peak TFLOP/s for --dtype: adds model FLOPs '
+                             'utilisation (MFU) of both sides')
     parser.add_argument('--compare-timm', action='store_true',
                         help='also measure timm (needs torch and timm installed)')
     parser.add_argument('--threads', type=int, default=None,
@@ -322,6 +387,9 @@ def main(argv=None) -> dict[str, Any]:
     results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
                                              args.warmup, args.reps, args.iters,
                                              not args.forward_only, not args.compile_only)
+    shapes = dense_shapes(model, args.batch_size, args.image_size)
+    if args.gemm:  # XLA's side before torch runs anything (see benchmark_gemm)
+        results['gemm'] = benchmark_gemm(shapes, args.dtype, args.reps, 'xla')
     timm_results = None
     if args.compare_timm:
         timm_results = benchmark_timm(args.model, args.num_classes, args.batch_size,
@@ -333,9 +401,14 @@ def main(argv=None) -> dict[str, Any]:
                             / timm_results[k]['images_per_s']
                             for k in ('forward', 'train') if k in timm_results}
     _print_table(args.model, results['sequencer_jax'], timm_results)
+    results['flop_rates'] = flop_rates(results, args.peak_tflops)
+    if results['flop_rates']:
+        _print_flop_rates(results['flop_rates'])
     if args.gemm:
-        results['gemm'] = benchmark_gemm(dense_shapes(model, args.batch_size, args.image_size),
-                                         args.dtype, args.reps, args.compare_timm)
+        if args.compare_timm:
+            for row, torch_row in zip(results['gemm'],
+                                      benchmark_gemm(shapes, args.dtype, args.reps, 'torch')):
+                row.update(torch_row)
         _print_gemm(results['gemm'])
     if args.json:
         with open(args.json, 'w') as f:

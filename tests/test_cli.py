@@ -14,7 +14,8 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '2',
                               '--image-size', '28', '--num-classes', '5', '--reps', '2',
-                              '--warmup', '1', '--model-args', TINY_ARGS, '--json', str(out)])
+                              '--warmup', '1', '--model-args', TINY_ARGS, '--json', str(out),
+                              '--gemm', '--peak-tflops', '2'])
     ours = results['sequencer_jax']
     for part in ('forward', 'train'):
         assert ours[part]['images_per_s_min'] <= ours[part]['images_per_s'] \
@@ -23,7 +24,20 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
         assert ours[f'{part}_compile_s'] > 0
         assert ours[part]['memory']['xla_estimate_mib'] > 0
     assert json.loads(out.read_text())['config']['model_args']['scan_blocks'] is True
-    assert 'train step' in capsys.readouterr().out
+    # A train step (forward, backward, update) costs about three forwards (3.0 for the
+    # full-size model; a tiny one adds relatively more for the optimizer and mixing).
+    rates = results['flop_rates']
+    assert 2.5 < rates['train']['gflops_per_step'] / rates['forward']['gflops_per_step'] < 4.5
+    for row in rates.values():
+        assert row['sequencer_jax_mfu'] == pytest.approx(row['sequencer_jax_tflops'] / 2)
+    # Three GEMM forms per distinct MLP shape: batch 2 at 28 px is a 4x4 grid of width
+    # 16 in stage 0, then 2x2 grids of width 24 (MLP ratio 3).
+    assert [(tuple(r['shape']), r['form']) for r in results['gemm']] == [
+        (shape, form) for shape in [(2 * 4 * 4, 16, 48), (2 * 2 * 2, 24, 72)]
+        for form in ('x @ w', 'dy @ w.T', 'x.T @ dy')]
+    assert all(r['xla_gflops'] > 0 for r in results['gemm'])
+    printed = capsys.readouterr().out
+    assert 'train step' in printed and 'GFLOP/step' in printed and 'x.T @ dy' in printed
 
 
 def test_benchmark_cli_rejects_bad_input():
