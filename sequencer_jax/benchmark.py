@@ -6,10 +6,10 @@
 Measures in one run: compile time of the forward and of the train step (forward,
 backward, AdamW update), images/s of both (warm-up excluded; median and spread over
 ``--reps`` timed repetitions), and memory; with ``--compare-timm`` the same for timm's
-PyTorch model on the same device and thread count, and the ratios. Each step's model
-FLOPs come from XLA's cost analysis of our program (timm's does the same math), so both
-sides also get an achieved FLOP/s, and a model FLOPs utilisation with ``--peak-tflops``
-(the device's peak for the dtype). ``--gemm`` adds the throughput of the model's largest
+PyTorch model on the same device and thread count, and the ratios. Model FLOPs (the
+forward's matmuls and convolutions, counted from its jaxpr; a train step counts three
+forwards; timm's model does the same math) give both sides an achieved FLOP/s, and a
+model FLOPs utilisation with ``--peak-tflops`` (the device's peak for the dtype). ``--gemm`` adds the throughput of the model's largest
 GEMMs in their three forms (forward ``x @ w``, input gradient ``dy @ w.T``, weight
 gradient ``x.T @ dy``; XLA next to torch, XLA first): the bound on what a compiler can do for a
 model whose FLOPs are mostly in those GEMMs. ``--compile-only`` reports compile times
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jax_core
 
 from sequencer_jax import xla_options
 from sequencer_jax.models import registry
@@ -48,6 +50,19 @@ MIXING = (('mixup_alpha', 0.8), ('cutmix_alpha', 1.0), ('switch_prob', 0.5), ('s
 # --model-args that change the architecture, passed to timm too so both sides match.
 TIMM_ARCH_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
                   'bidirectional', 'union', 'with_fc')
+
+
+# Settings outside the program that move CPU results by 10% or more (see the README).
+ENVIRONMENT = ('XLA_FLAGS', 'GLIBC_TUNABLES', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY')
+
+
+def _transparent_hugepages() -> str | None:
+    """The kernel's THP mode ('always', 'madvise' or 'never'), None where unknown."""
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return f.read().split('[')[1].split(']')[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _time_calls(fn: Callable[[], Any], warmup: int, reps: int, iters: int) -> list[float]:
@@ -82,14 +97,35 @@ def _memory(compiled) -> dict[str, float | None]:
     return out
 
 
-def _flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled program, by XLA's cost analysis (None if the
-    backend has none)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get('flops')
-    return float(flops) if flops else None
+def model_flops(fn: Callable, *args) -> float:
+    """Matmul and convolution FLOPs of one call of ``fn(*args)``, counted from its jaxpr
+    (nothing is compiled or run). Scan bodies count once per step, which XLA's own cost
+    analysis does not do (it counts a loop body once)."""
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+            (contracting, _), _ = eqn.params['dimension_numbers']
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[d] for d in contracting)
+        elif eqn.primitive.name == 'conv_general_dilated':
+            kernel = eqn.invars[1].aval.shape
+            spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                kernel[d] for d in spec[1:])
+        else:
+            inner = [_jaxpr_flops(j) for j in jax_core.jaxprs_in_params(eqn.params)]
+            if eqn.primitive.name == 'cond':
+                total += max(inner, default=0.0)
+            elif eqn.primitive.name == 'scan':
+                total += eqn.params['length'] * sum(inner)
+            else:
+                total += sum(inner)
+    return total
 
 
 def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
@@ -114,7 +150,10 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
         lambda: compiled(params, images).block_until_ready(), warmup, reps, iters),
         batch_size) if timed else {}
     results['forward']['memory'] = _memory(compiled)
-    results['forward']['flops'] = _flops(compiled)
+    # Model FLOPs, the usual convention for utilisation: a train step counts three
+    # forwards (forward + backward), rematerialised work not included.
+    results['forward']['flops'] = model_flops(
+        lambda p, x: model.apply({'params': p}, x), params, images)
     if not train:
         return results
 
@@ -138,7 +177,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results['train'] = _summary(_time_calls(run_step, warmup, reps, iters),
                                 batch_size) if timed else {}
     results['train']['memory'] = _memory(compiled_step)
-    results['train']['flops'] = _flops(compiled_step)
+    results['train']['flops'] = 3 * results['forward']['flops']
     return results
 
 
@@ -248,7 +287,8 @@ def flop_rates(results: dict[str, Any], peak_tflops: float | None) -> dict[str, 
 
 
 def _print_flop_rates(rates: dict[str, dict]) -> None:
-    print('\nModel FLOPs (XLA cost analysis) and achieved TFLOP/s [utilisation of --peak-tflops]')
+    print('\nModel FLOPs (matmuls and convolutions; train step = 3 forwards) and achieved '
+          'TFLOP/s [utilisation of --peak-tflops]')
     for key, row in rates.items():
         line = f'  {key:<8}{row["gflops_per_step"]:>9.4g} GFLOP/step'
         for side, label in (('sequencer_jax', 'ours'), ('timm', 'timm')):
@@ -379,7 +419,10 @@ def main(argv=None) -> dict[str, Any]:
         'config': vars(args) | {'model_args': overrides},
         'platform': {'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
                      'device_kind': jax.devices()[0].device_kind, 'cpus': os.cpu_count(),
-                     'machine': platform.machine(), 'jax': jax.__version__},
+                     'machine': platform.machine(), 'jax': jax.__version__,
+                     'compiler_options': xla_options.compiler_options(),
+                     'environment': {name: os.environ.get(name) for name in ENVIRONMENT},
+                     'transparent_hugepages': _transparent_hugepages()},
     }
     print(f'Benchmarking {args.model} on {results["platform"]["device_kind"]} '
           f'({results["platform"]["backend"]}), batch {args.batch_size}, '

@@ -2,8 +2,11 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import sequencer_jax as sj
 from sequencer_jax import benchmark
 
 TINY_ARGS = json.dumps(dict(layers=[1, 1, 1, 1], embed_dims=[16, 24, 24, 24],
@@ -23,11 +26,12 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
         assert ours[part]['images_per_s'] > 0
         assert ours[f'{part}_compile_s'] > 0
         assert ours[part]['memory']['xla_estimate_mib'] > 0
-    assert json.loads(out.read_text())['config']['model_args']['scan_blocks'] is True
-    # A train step (forward, backward, update) costs about three forwards (3.0 for the
-    # full-size model; a tiny one adds relatively more for the optimizer and mixing).
+    written = json.loads(out.read_text())
+    assert written['config']['model_args']['scan_blocks'] is True
+    assert set(written['platform']['environment']) == set(benchmark.ENVIRONMENT)
+    assert written['platform']['transparent_hugepages'] in (None, 'always', 'madvise', 'never')
     rates = results['flop_rates']
-    assert 2.5 < rates['train']['gflops_per_step'] / rates['forward']['gflops_per_step'] < 4.5
+    assert rates['train']['gflops_per_step'] == 3 * rates['forward']['gflops_per_step']
     for row in rates.values():
         assert row['sequencer_jax_mfu'] == pytest.approx(row['sequencer_jax_tflops'] / 2)
     # Three GEMM forms per distinct MLP shape: batch 2 at 28 px is a 4x4 grid of width
@@ -38,6 +42,21 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
     assert all(r['xla_gflops'] > 0 for r in results['gemm'])
     printed = capsys.readouterr().out
     assert 'train step' in printed and 'GFLOP/step' in printed and 'x.T @ dy' in printed
+
+
+@pytest.mark.parametrize('name, paper_gmacs', [('sequencer2d_s', 8.4), ('sequencer2d_l', 16.6)])
+def test_model_flops_match_the_paper(name, paper_gmacs):
+    """The paper's Table 1 counts multiply-adds at 224 px (8.4G for S, 16.6G for L); ours
+    counts matmul and convolution FLOPs, loops (blocks, recurrences) once per step."""
+    images = jnp.zeros((1, 224, 224, 3))
+    counts = []
+    for scan_blocks in (False, True):
+        model = sj.create_model(name, scan_blocks=scan_blocks)
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
+        counts.append(benchmark.model_flops(lambda p, x: model.apply({'params': p}, x),
+                                            params, images))
+    assert counts[0] == counts[1]
+    assert counts[0] / 2e9 == pytest.approx(paper_gmacs, rel=0.015)
 
 
 def test_benchmark_cli_rejects_bad_input():
