@@ -9,11 +9,12 @@ backward, AdamW update), images/s of both (warm-up excluded; median and spread o
 PyTorch model on the same device and thread count, and the ratios. Model FLOPs (the
 forward's matmuls and convolutions, counted from its jaxpr; a train step counts three
 forwards; timm's model does the same math) give both sides an achieved FLOP/s, and a
-model FLOPs utilisation with ``--peak-tflops`` (the device's peak for the dtype). ``--gemm`` adds the throughput of the model's largest
-GEMMs in their three forms (forward ``x @ w``, input gradient ``dy @ w.T``, weight
-gradient ``x.T @ dy``; XLA next to torch, XLA first): the bound on what a compiler can do for a
-model whose FLOPs are mostly in those GEMMs. ``--compile-only`` reports compile times
-and XLA's memory estimate without running, e.g.
+model FLOPs utilisation with ``--peak-tflops`` (the device's peak for the dtype).
+``--gemm`` adds the throughput of the model's largest GEMMs in their three forms
+(forward ``x @ w``, input gradient ``dy @ w.T``, weight gradient ``x.T @ dy``; XLA next
+to torch, XLA first): the bound on what a compiler can do for a model whose FLOPs are
+mostly in those GEMMs. ``--compile-only`` reports compile times and XLA's memory
+estimate without running, e.g.
 
     python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
         --model-args '{"remat": true, "scan_blocks": true}' --compile-only
@@ -430,7 +431,7 @@ def main(argv=None) -> dict[str, Any]:
     results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
                                              args.warmup, args.reps, args.iters,
                                              not args.forward_only, not args.compile_only)
-    shapes = dense_shapes(model, args.batch_size, args.image_size)
+    shapes = dense_shapes(model, args.batch_size, args.image_size) if args.gemm else []
     if args.gemm:  # XLA's side before torch runs anything (see benchmark_gemm)
         results['gemm'] = benchmark_gemm(shapes, args.dtype, args.reps, 'xla')
     timm_results = None

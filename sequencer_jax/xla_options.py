@@ -37,17 +37,18 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
         return None
     user_flags = os.environ.get('XLA_FLAGS', '')
     options = {k: v for k, v in CPU_OPTIONS.items() if f'--{k}' not in user_flags}
-    if not options or not _supported(tuple(sorted(options.items()))):
+    if not options or not _supported(backend, tuple(sorted(options.items()))):
         return None
     return options
 
 
 @functools.lru_cache(maxsize=None)
-def _supported(options: tuple[tuple[str, str], ...]) -> bool:
-    """Whether this jaxlib accepts ``options`` (options are experimental and change)."""
+def _supported(backend: str, options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib's ``backend`` compiler accepts ``options`` (they are
+    experimental and change between releases)."""
     try:
-        jax.jit(jnp.negative, compiler_options=dict(options)).lower(
-            jnp.zeros((), jnp.float32)).compile()
+        operand = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(backend)[0])
+        jax.jit(jnp.negative, compiler_options=dict(options)).lower(operand).compile()
     except Exception:  # noqa: BLE001 - any rejection means: do not use them.
         return False
     return True

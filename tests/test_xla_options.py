@@ -18,7 +18,8 @@ def test_options_only_on_cpu_and_user_flags_win(monkeypatch):
 
 
 def test_unknown_options_are_dropped():
-    assert not xla_options._supported((('xla_cpu_no_such_option', 'x'),))
+    assert not xla_options._supported('cpu', (('xla_cpu_no_such_option', 'x'),))
+    assert xla_options._supported('cpu', tuple(xla_options.CPU_OPTIONS.items()))
 
 
 def test_model_gives_the_same_numbers_with_the_options():
