@@ -51,8 +51,6 @@ MIXING = (('mixup_alpha', 0.8), ('cutmix_alpha', 1.0), ('switch_prob', 0.5), ('s
 # --model-args that change the architecture, passed to timm too so both sides match.
 TIMM_ARCH_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
                   'bidirectional', 'union', 'with_fc')
-
-
 # Settings outside the program that move CPU results by 10% or more (see the README).
 ENVIRONMENT = ('XLA_FLAGS', 'GLIBC_TUNABLES', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY')
 
@@ -143,7 +141,11 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results: dict[str, Any] = {}
 
     options = xla_options.compiler_options()
-    forward = jax.jit(lambda p, x: model.apply({'params': p}, x), compiler_options=options)
+
+    def apply(p, x):
+        return model.apply({'params': p}, x)
+
+    forward = jax.jit(apply, compiler_options=options)
     start = time.perf_counter()
     compiled = forward.lower(params, images).compile()
     results['forward_compile_s'] = time.perf_counter() - start
@@ -153,8 +155,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results['forward']['memory'] = _memory(compiled)
     # Model FLOPs, the usual convention for utilisation: a train step counts three
     # forwards (forward + backward), rematerialised work not included.
-    results['forward']['flops'] = model_flops(
-        lambda p, x: model.apply({'params': p}, x), params, images)
+    results['forward']['flops'] = model_flops(apply, params, images)
     if not train:
         return results
 
@@ -333,13 +334,13 @@ def benchmark_gemm(shapes: list[tuple[int, int, int]], dtype: str, reps: int,
     went away).
     """
     rows = []
+    options = xla_options.compiler_options()
     for m, k, n in shapes:
         for form, operand_shapes, product in GEMM_FORMS:
             a_shape, b_shape = operand_shapes(m, k, n)
             if library == 'xla':
                 a, b = jnp.ones(a_shape, DTYPES[dtype]), jnp.ones(b_shape, DTYPES[dtype])
-                compiled = jax.jit(product, compiler_options=xla_options.compiler_options()
-                                   ).lower(a, b).compile()
+                compiled = jax.jit(product, compiler_options=options).lower(a, b).compile()
 
                 def call():
                     compiled(a, b).block_until_ready()

@@ -47,7 +47,8 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
 @pytest.mark.parametrize('name, paper_gmacs', [('sequencer2d_s', 8.4), ('sequencer2d_l', 16.6)])
 def test_model_flops_match_the_paper(name, paper_gmacs):
     """The paper's Table 1 counts multiply-adds at 224 px (8.4G for S, 16.6G for L); ours
-    counts matmul and convolution FLOPs, loops (blocks, recurrences) once per step."""
+    counts matmul and convolution FLOPs, every iteration of a loop (scanned blocks,
+    recurrence steps) included."""
     images = jnp.zeros((1, 224, 224, 3))
     counts = []
     for scan_blocks in (False, True):

@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 import sequencer_jax as sj
 from sequencer_jax import convert
+from sequencer_jax.models.sequencer import LayerNorm
 
 # Counted from the PyTorch references (timm, and the official repository's ablations
 # built in tests/torch_reference.py); test_torch_parity.py re-counts them live.
@@ -232,8 +234,6 @@ def test_bfloat16_compute_keeps_float32_params():
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_layer_norm_equals_flax_with_gradients(dtype):
     """Our LayerNorm (hand-written backward) against flax's (autodiff), same params."""
-    import flax.linen as nn
-    from sequencer_jax.models.sequencer import LayerNorm
     x = (3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 32)) + 1.0).astype(dtype)
     ours, ref = LayerNorm(dtype=dtype), nn.LayerNorm(1e-6, dtype=dtype)
     variables = ref.init(jax.random.PRNGKey(1), x)

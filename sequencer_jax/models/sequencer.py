@@ -44,13 +44,14 @@ def gelu(x: Array) -> Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
 
 
-def _normalise(x: Array, eps: float) -> tuple[Array, Array]:
-    """x [..., C] -> (x_hat [..., C], 1/std [..., 1]) in float32, two-pass variance as
-    PyTorch computes it."""
+def _normalise(x: Array, eps: float) -> tuple[Array, Array, Array]:
+    """x [..., C] -> (x_hat [..., C], mean [..., 1], 1/std [..., 1]) in float32,
+    two-pass variance as PyTorch computes it."""
     x = x.astype(jnp.float32)
-    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
     rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    return centred * rstd, rstd
+    return centred * rstd, mean, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -62,20 +63,20 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     broadcasts of ``scale``: LayerNorm's forward+backward at stage-0 shapes took about
     twice as long as this one.
     """
-    return _normalise(x, eps)[0] * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
-    x_hat, rstd = _normalise(x, eps)
-    # x is kept (the residual stream holds it anyway) and x_hat recomputed in backward.
+    x_hat, mean, rstd = _normalise(x, eps)
     y = x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y, (x, scale, bias, rstd)
+    # x is kept (the residual stream holds it anyway) and x_hat recomputed in backward
+    # from the saved statistics.
+    return y, (x, scale, bias, mean, rstd)
 
 
 def _layer_norm_bwd(eps, residuals, dy):
-    x, scale, bias, rstd = residuals
-    x32 = x.astype(jnp.float32)
-    x_hat = (x32 - jnp.mean(x32, axis=-1, keepdims=True)) * rstd
+    x, scale, bias, mean, rstd = residuals
+    x_hat = (x.astype(jnp.float32) - mean) * rstd
     dy = dy.astype(jnp.float32)
     d_x_hat = dy * scale.astype(jnp.float32)
     dx = rstd * (d_x_hat - jnp.mean(d_x_hat, axis=-1, keepdims=True)
