@@ -54,28 +54,33 @@ class Cell:
     has_cell_state: bool
 
     def step(self, carry, gx: Array, gh: Array, b_ih: Array, b_hh: Array):
-        """One time step, PyTorch's formulas. gx = x @ W_ih and gh = h @ W_hh (no biases):
-        [K, N, G*D]; b_ih, b_hh: [K, G*D]. Adding the biases here rather than to the hoisted
-        projection keeps XLA:CPU from fusing the add into (and slowing down) that matmul;
-        here it fuses into the gate arithmetic for free."""
-        b_ih, b_hh = b_ih[:, None], b_hh[:, None]
+        """One time step. gx = x @ W_ih and gh = h @ W_hh (no biases): [K, N, G*D]; b_ih,
+        b_hh: [K, G*D]. Adding the biases here rather than to the hoisted projection keeps
+        XLA:CPU from fusing the add into (and slowing down) that matmul; here it fuses into
+        the gate arithmetic for free."""
+        split = lambda a, b: jnp.split(a + b[:, None], self.num_gates, axis=-1)  # noqa: E731
+        return self.step_gates(carry, split(gx, b_ih), split(gh, b_hh))
+
+    def step_gates(self, carry, gx: Sequence[Array], gh: Sequence[Array]):
+        """PyTorch's formulas on the pre-activations split per gate, biases included:
+        ``gx[q] = (x @ W_ih + b_ih)[q]``, ``gh[q] = (h @ W_hh + b_hh)[q]``, each [..., D].
+        Only elementwise arithmetic, so fused kernels can run (and differentiate) it too."""
         if self.name == 'lstm':
-            h, c = carry
-            i, f, g, o = jnp.split(gx + gh + (b_ih + b_hh), 4, axis=-1)
+            _, c = carry
+            i, f, g, o = (x + h for x, h in zip(gx, gh))
             c = _sigmoid(f) * c + _sigmoid(i) * jnp.tanh(g)
             h = _sigmoid(o) * jnp.tanh(c)
             return (h, c), h
+        (h,) = carry
         if self.name == 'gru':
-            (h,) = carry
-            xr, xz, xn = jnp.split(gx + b_ih, 3, axis=-1)
-            hr, hz, hn = jnp.split(gh + b_hh, 3, axis=-1)
+            xr, xz, xn = gx
+            hr, hz, hn = gh
             r = _sigmoid(xr + hr)
             z = _sigmoid(xz + hz)
             n = jnp.tanh(xn + r * hn)
             h = (1.0 - z) * n + z * h
             return (h,), h
-        (h,) = carry
-        h = jnp.tanh(gx + gh + (b_ih + b_hh))
+        h = jnp.tanh(gx[0] + gh[0])
         return (h,), h
 
 
