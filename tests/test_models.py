@@ -141,13 +141,15 @@ def test_fused_axes_equal_separate_scans(timm_fixture):
 @pytest.mark.parametrize('bidirectional', [True, False])
 @pytest.mark.parametrize('union', ['cat', 'vertical'])
 def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectional, union):
-    """The default in-place ('natural', custom VJP) recurrence against the reference
-    nn.scan path, with both axes in one recurrence or in two, square and non-square."""
+    """The default in-place ('natural', custom VJP) recurrence and the fused Pallas kernels
+    (interpreted on CPU) against the reference nn.scan path, with both axes in one
+    recurrence or in two, square and non-square."""
     reference = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
                            recurrence='scan', fuse_axes=False)
     variants = [sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
                            recurrence=r, fuse_axes=f)
-                for r, f in (('natural', True), ('natural', False), ('scan', True))]
+                for r, f in (('natural', True), ('natural', False), ('scan', True),
+                             ('pallas', True))]
 
     @jax.jit  # one compilation of every path: much faster than running them eagerly
     def outputs_and_grads(variables, x):
@@ -166,9 +168,10 @@ def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectio
 
 
 @pytest.mark.parametrize('cell', ['lstm', 'gru'])
-def test_fast_recurrence_of_the_vanilla_mixer_equals_nn_scan(cell):
+@pytest.mark.parametrize('recurrence', ['natural', 'pallas'])
+def test_fast_recurrence_of_the_vanilla_mixer_equals_nn_scan(cell, recurrence):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 8))
-    fast, reference = (sj.BiRNN1D(4, cell=cell, recurrence=r) for r in ('natural', 'scan'))
+    fast, reference = (sj.BiRNN1D(4, cell=cell, recurrence=r) for r in (recurrence, 'scan'))
     variables = fast.init(jax.random.PRNGKey(1), x)
     np.testing.assert_allclose(fast.apply(variables, x), reference.apply(variables, x),
                                atol=1e-6)

@@ -1,5 +1,6 @@
 """Flax modules of Sequencer and the variant registry."""
 
+from sequencer_jax.models.pallas_recurrence import run_recurrence_pallas
 from sequencer_jax.models.recurrent import RecurrentWeights, run_recurrence
 from sequencer_jax.models.registry import create_model, list_models, model_args
 from sequencer_jax.models.sequencer import (BiRNN1D, BiRNN2D, Sequencer, Sequencer1D,
@@ -7,4 +8,4 @@ from sequencer_jax.models.sequencer import (BiRNN1D, BiRNN2D, Sequencer, Sequenc
 
 __all__ = ['BiRNN1D', 'BiRNN2D', 'RecurrentWeights', 'Sequencer', 'Sequencer1D',
            'Sequencer2D', 'SequencerBlock', 'create_model', 'list_models', 'model_args',
-           'run_recurrence']
+           'run_recurrence', 'run_recurrence_pallas']

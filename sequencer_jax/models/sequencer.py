@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sequencer_jax.models import recurrent
+from sequencer_jax.models import pallas_recurrence, recurrent
 
 Array = jax.Array
 
@@ -25,7 +25,7 @@ AXES_OF_UNION = {'cat': ('v', 'h'), 'add': ('v', 'h'), 'vertical': ('v',),
                  'horizontal': ('h',)}
 UNIONS = tuple(AXES_OF_UNION)
 TIME_AXIS = {'v': 1, 'h': 2}  # axis of [B, H, W, ...] each pass runs along
-RECURRENCES = ('natural', 'scan')
+RECURRENCES = ('natural', 'scan', 'pallas')
 TOKEN_MIXERS = ('2d', '1d')
 DROP_PATH_SCHEDULES = ('linear', 'constant')
 LAYER_NORM_EPS = 1e-6
@@ -144,6 +144,15 @@ def _natural(z: Array, axis: str, b: int, h: int, w: int) -> Array:
     return jnp.transpose(z.reshape(w, k, b, h, d), (2, 3, 0, 1, 4))
 
 
+def _run_time_major(recurrence: str, gx: Array, weights: dict[str, Array],
+                    cell: recurrent.Cell, reverse: Sequence[bool], unroll: int,
+                    dtype: Any) -> Array:
+    """The time-major recurrences: gx [T, K, N, G] -> hidden states [T, K, N, D]."""
+    if recurrence == 'pallas':
+        return pallas_recurrence.run_recurrence_pallas(gx, weights, cell, reverse, dtype=dtype)
+    return recurrent.run_recurrence(gx, weights, cell, reverse, unroll=unroll, dtype=dtype)
+
+
 class BiRNN2D(nn.Module):
     """Sequencer's BiLSTM2D token mixer, generalised to every ablation of the paper.
 
@@ -160,7 +169,9 @@ class BiRNN2D(nn.Module):
         must already equal C.
       fuse_axes: share one scan between the two axes when H == W.
       recurrence: 'natural' reads the gates in place (``run_recurrence_natural``,
-        faster), 'scan' lays them out time-major for ``nn.scan`` (the reference path).
+        faster), 'scan' lays them out time-major for ``nn.scan`` (the reference path),
+        'pallas' runs that time-major layout through fused GPU kernels
+        (``run_recurrence_pallas``; interpreted, slowly, on CPU).
       unroll: scan steps unrolled per iteration ('scan' only).
     """
 
@@ -221,8 +232,8 @@ class BiRNN2D(nn.Module):
             else:
                 gx = jnp.concatenate([_time_major(g[..., j * kd:(j + 1) * kd, :], a)
                                       for j, a in enumerate(group)], axis=1)
-                hs = recurrent.run_recurrence(gx, wt, cell, rev, unroll=self.unroll,
-                                              dtype=self.dtype)
+                hs = _run_time_major(self.recurrence, gx, wt, cell, rev, self.unroll,
+                                     self.dtype)
             for j, a in enumerate(group):
                 outputs[a] = _natural(hs[:, j * kd:(j + 1) * kd], a, b, h, w)
         parts = [outputs[a].reshape(b, h, w, -1) for a in axes]
@@ -273,8 +284,8 @@ class BiRNN1D(nn.Module):
                                                   dtype=self.dtype)
         else:
             gx = jnp.transpose(gates, (1, 2, 0, 3))  # [L, K, B, G]
-            hs = recurrent.run_recurrence(gx, weights, cell, reverse, unroll=self.unroll,
-                                          dtype=self.dtype)
+            hs = _run_time_major(self.recurrence, gx, weights, cell, reverse, self.unroll,
+                                 self.dtype)
         return jnp.transpose(hs, (2, 0, 1, 3)).reshape(b, h, w, -1).astype(self.dtype)
 
 
