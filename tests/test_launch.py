@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / 'launch'
-SCRIPTS = ['common.sh', 'gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh']
+SCRIPTS = ['common.sh', 'gpu_benchmark.sh', 'gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh']
 
 
 def _shellcheck():
@@ -60,3 +60,22 @@ def test_tpu_pod_dry_run_creates_installs_and_trains():
     assert '--worker=all' in lines[1] and 'jax\\[tpu\\]' in lines[1]
     assert 'sequencer_jax.main' in lines[2] and 'gs://b/w' in lines[2]
     assert 'batch_size=4096' in lines[2]
+
+
+def test_gpu_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
+    env = {'OUT': '/r', 'MODELS': 'sequencer2d_s sequencer2d_l', 'DTYPES': 'bfloat16',
+           'PEAK_TFLOPS_BFLOAT16': '989'}
+    result = _dry_run('gpu_benchmark.sh', env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == '+ mkdir -p /r'
+    assert 'JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest' in lines[1]
+    assert 'tests/test_pallas_recurrence.py' in lines[1]
+    runs = [line for line in lines[2:] if 'sequencer_jax.benchmark' in line]
+    assert len(runs) == 2 * 2 + 1  # 2 models x 2 recurrences, and the memory check
+    assert all('--dtype bfloat16' in r and '--peak-tflops 989' in r for r in runs[:4])
+    assert ['--compare-timm' in r for r in runs[:4]] == [True, False, True, False]
+    assert '--json /r/sequencer2d_s_bfloat16_pallas.json' in runs[1]
+    assert 'remat' in runs[4] and '--model sequencer2d_l --batch-size 64' in runs[4]
+    missing = _dry_run('gpu_benchmark.sh', {})
+    assert missing.returncode == 2 and 'set OUT' in missing.stderr

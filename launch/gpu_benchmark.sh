@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU rows of the README's benchmark table, on one GPU of this host:
+#   1. the fused Pallas recurrence against the nn.scan path, on the device (float32
+#      matmuls at full precision, so both sides compute the same numbers);
+#   2. for each model and dtype, our images/s, compile time, memory and MFU with each
+#      recurrence, timm's (eager, cuDNN LSTM, AMP for bfloat16) next to the first;
+#   3. sequencer2d_l at batch 64 with scan_blocks and remat: does it fit in 16 GB?
+#
+#   OUT=/tmp/bench PEAK_TFLOPS_FLOAT32=67 PEAK_TFLOPS_BFLOAT16=989 launch/gpu_benchmark.sh
+#
+# Environment: OUT (required; one JSON per run), MODELS (default "sequencer2d_s
+# sequencer2d_m sequencer2d_l"), DTYPES ("float32 bfloat16"), RECURRENCES ("natural
+# pallas"), BATCH_SIZE (64), PEAK_TFLOPS_FLOAT32 / PEAK_TFLOPS_BFLOAT16 (the GPU's dense
+# peak; adds MFU), GPU (default 0), DRY_RUN=1 to print the commands only.
+# Needs: pip install -e ".[test,torch]" and jax with CUDA (pip install "jax[cuda12]").
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
+source "${here}/common.sh"
+require OUT
+
+export CUDA_VISIBLE_DEVICES="${GPU:-0}"
+read -r -a models <<< "${MODELS:-sequencer2d_s sequencer2d_m sequencer2d_l}"
+read -r -a dtypes <<< "${DTYPES:-float32 bfloat16}"
+read -r -a recurrences <<< "${RECURRENCES:-natural pallas}"
+batch_size="${BATCH_SIZE:-64}"
+cd "${here}/.."
+run mkdir -p "${OUT}"
+
+run env JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q -p no:xdist \
+  tests/test_pallas_recurrence.py tests/test_models.py -k 'pallas or fast_recurrence'
+
+for model in "${models[@]}"; do
+  for dtype in "${dtypes[@]}"; do
+    peak="PEAK_TFLOPS_${dtype^^}"
+    for recurrence in "${recurrences[@]}"; do
+      args=(--model "${model}" --batch-size "${batch_size}" --dtype "${dtype}"
+            --model-args "{\"recurrence\": \"${recurrence}\"}"
+            --json "${OUT}/${model}_${dtype}_${recurrence}.json")
+      if [[ "${recurrence}" == "${recurrences[0]}" ]]; then
+        args+=(--compare-timm)
+      fi
+      if [[ -n "${!peak:-}" ]]; then
+        args+=(--peak-tflops "${!peak}")
+      fi
+      run python -m sequencer_jax.benchmark "${args[@]}"
+    done
+  done
+done
+
+run python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
+  --model-args '{"scan_blocks": true, "remat": true}' --json "${OUT}/sequencer2d_l_b64_remat.json"
