@@ -234,6 +234,23 @@ def test_bfloat16_compute_keeps_float32_params():
     np.testing.assert_allclose(out, ref, atol=5e-2)
 
 
+@pytest.mark.parametrize('scan_blocks', [False, True])
+def test_bfloat16_training_keeps_bfloat16_activations(scan_blocks):
+    """Under scan_blocks drop path's rate is a traced float32; it used to promote the
+    bfloat16 activations, which broke nn.scan's carry: bfloat16 training crashed."""
+    model = sj.create_model('sequencer2d_s', num_classes=3, dtype=jnp.bfloat16,
+                            drop_path_rate=0.2, scan_blocks=scan_blocks, remat=scan_blocks,
+                            **TINY)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
+    variables = model.init(jax.random.PRNGKey(0), images)
+    rngs = {'dropout': jax.random.PRNGKey(2)}
+    features = model.apply(variables, images, True, rngs=rngs, method='features')
+    assert [f.dtype for f in features] == [jnp.dtype(jnp.bfloat16)] * 4
+    grads = jax.grad(lambda v: jnp.sum(model.apply(v, images, train=True, rngs=rngs) ** 2))(
+        variables)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_layer_norm_equals_flax_with_gradients(dtype):
     """Our LayerNorm (hand-written backward) against flax's (autodiff), same params."""

@@ -117,7 +117,9 @@ def drop_path(x: Array, rate, *, deterministic: bool, rng: Array | None) -> Arra
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    # A traced rate is a float32 array: without the cast it would promote bfloat16 inputs
+    # (and break the carry of nn.scan over blocks).
+    return jnp.where(mask, (x / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 def _tokens_2d(layer: nn.Module, x: Array) -> Array:
