@@ -34,6 +34,9 @@ Array = jax.Array
 DEFAULT_BLOCK = 32
 # Triton's dot needs every side of its operands to be at least 16.
 _MIN_SIDE = 16
+# One stage: software pipelining cannot overlap the steps of a recurrence, and Triton's
+# default 3 stages asked for 387 KB of shared memory in the LSTM backward (sm_90 has 227).
+_TRITON = dict(num_warps=4, num_stages=1)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -132,7 +135,7 @@ def _call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
             out_specs=[sequence_spec(s) for s in out_shapes],
             out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
             interpret=interpret,
-            compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=4),
+            compiler_params=None if interpret else pl_triton.CompilerParams(**_TRITON),
         )(*weights, *sequences)
 
     # Chosen when lowering, so that exporting for a GPU from a CPU host gets the kernels.
