@@ -18,6 +18,10 @@ estimate without running, e.g.
 
     python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
         --model-args '{"remat": true, "scan_blocks": true}' --compile-only
+
+and ``--gpu-target h200`` does the same for a GPU this machine does not have (XLA:GPU
+compiles for a target description; needs jax's CUDA plugin, ``pip install
+"jax[cuda12]"``, but no GPU): memory estimates, and the Pallas kernels through Triton.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import topologies
 from jax.extend import core as jax_core
+from jax.sharding import SingleDeviceSharding
 
 from sequencer_jax import xla_options
 from sequencer_jax.models import registry
@@ -53,6 +59,51 @@ TIMM_ARCH_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ra
                   'bidirectional', 'union', 'with_fc')
 # Settings outside the program that move CPU results by 10% or more (see the README).
 ENVIRONMENT = ('XLA_FLAGS', 'GLIBC_TUNABLES', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY')
+
+
+def _hopper_target(name: str, memory_bytes: int, bandwidth: int) -> str:
+    """An XLA:GPU target config (text proto) of an sm_90 GPU with 132 SMs."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory_bytes}
+  shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{name}"
+"""
+
+
+# --gpu-target names; any other XLA:GPU target config can be given as a file.
+GPU_TARGETS = {
+    'h100': _hopper_target('NVIDIA H100 80GB HBM3', 84_929_347_584, 3_352_320_000_000),
+    'h200': _hopper_target('NVIDIA H200', 150_754_820_096, 4_800_000_000_000),
+}
+
+
+def gpu_target_device(target: str) -> jax.Device:
+    """A compile-only device for ``target`` (a ``GPU_TARGETS`` name or a target-config
+    file). JAX must not have started a CUDA backend: run with ``JAX_PLATFORMS=cpu``."""
+    if target in GPU_TARGETS:
+        config = GPU_TARGETS[target]
+    elif os.path.isfile(target):
+        with open(target) as f:
+            config = f.read()
+    else:
+        raise ValueError(f'--gpu-target {target!r} is neither one of {sorted(GPU_TARGETS)} '
+                         'nor an XLA:GPU target-config file.')
+    try:
+        topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
+                                                target_config=config)
+    except NotImplementedError as e:
+        raise ValueError("--gpu-target needs jax's CUDA plugin (no GPU needed): "
+                         'pip install "jax[cuda12]"') from e
+    except jax.errors.JaxRuntimeError as e:
+        raise ValueError(f'--gpu-target {target!r}: XLA rejected the target config: {e}') from e
+    return topology.devices[0]
 
 
 def _transparent_hugepages() -> str | None:
@@ -83,14 +134,14 @@ def _summary(seconds: list[float], batch: int) -> dict[str, float]:
             'images_per_s_max': max(rates), 'ms_per_step': 1e3 * statistics.median(seconds)}
 
 
-def _memory(compiled) -> dict[str, float | None]:
+def _memory(compiled, ran: bool) -> dict[str, float | None]:
     out: dict[str, float | None] = {'xla_estimate_mib': None, 'device_peak_mib': None}
     analysis = compiled.memory_analysis()
     if analysis is not None:
         total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
                  + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
         out['xla_estimate_mib'] = total / 2**20
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = (jax.devices()[0].memory_stats() if ran else None) or {}
     if 'peak_bytes_in_use' in stats:
         out['device_peak_mib'] = stats['peak_bytes_in_use'] / 2**20
     return out
@@ -127,20 +178,43 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
+def _placed(tree, device: jax.Device):
+    """The shapes of ``tree`` as ShapeDtypeStructs on ``device``; nothing is allocated."""
+    sharding = SingleDeviceSharding(device)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        tree)
+
+
+def _abstract_inputs(model, batch_size: int, image_size: int, device: jax.Device):
+    """(params, images, labels) as shapes on ``device``."""
+    images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    return _placed((params['params'], images, labels), device)
+
+
 def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
-                  iters: int, train: bool = True, timed: bool = True) -> dict[str, Any]:
+                  iters: int, train: bool = True, timed: bool = True,
+                  device: jax.Device | None = None) -> dict[str, Any]:
     """Compile time, images/s and memory of our forward and train step.
 
     With ``timed=False`` only compiles: compile times and XLA's memory estimate, e.g.
-    to check that a large configuration fits a device's memory before renting one.
+    to check that a large configuration fits a device's memory before renting one. With
+    ``device`` (a compile-only device, see ``gpu_target_device``) compiles for it and
+    runs nothing.
     """
-    rng = np.random.RandomState(0)
-    images = jnp.asarray(rng.randn(batch_size, image_size, image_size, 3), jnp.float32)
-    labels = jnp.asarray(rng.randint(0, model.num_classes, batch_size))
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])['params']
+    timed = timed and device is None
+    if device is None:
+        rng = np.random.RandomState(0)
+        images = jnp.asarray(rng.randn(batch_size, image_size, image_size, 3), jnp.float32)
+        labels = jnp.asarray(rng.randint(0, model.num_classes, batch_size))
+        params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])['params']
+    else:
+        params, images, labels = _abstract_inputs(model, batch_size, image_size, device)
     results: dict[str, Any] = {}
 
-    options = xla_options.compiler_options()
+    options = xla_options.compiler_options(device.platform if device else None)
 
     def apply(p, x):
         return model.apply({'params': p}, x)
@@ -152,7 +226,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results['forward'] = _summary(_time_calls(
         lambda: compiled(params, images).block_until_ready(), warmup, reps, iters),
         batch_size) if timed else {}
-    results['forward']['memory'] = _memory(compiled)
+    results['forward']['memory'] = _memory(compiled, timed)
     # Model FLOPs, the usual convention for utilisation: a train step counts three
     # forwards (forward + backward), rematerialised work not included. Counted on the
     # reference recurrence: a fused kernel's matmuls run once per grid program, unseen.
@@ -164,12 +238,16 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
 
     tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY,
                      mask=state_lib.weight_decay_mask(params))
-    state = state_lib.create_train_state(params, tx)
+    if device is None:
+        state, key = state_lib.create_train_state(params, tx), jax.random.PRNGKey(1)
+    else:
+        state, key = _placed(jax.eval_shape(
+            lambda p: (state_lib.create_train_state(p, tx), jax.random.PRNGKey(1)), params),
+            device)
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                      mix=dict(MIXING)), donate_argnums=0,
                    compiler_options=options)
     batch = {'image': images, 'label': labels}
-    key = jax.random.PRNGKey(1)
     start = time.perf_counter()
     compiled_step = step.lower(state, batch, key).compile()
     results['train_compile_s'] = time.perf_counter() - start
@@ -181,7 +259,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
 
     results['train'] = _summary(_time_calls(run_step, warmup, reps, iters),
                                 batch_size) if timed else {}
-    results['train']['memory'] = _memory(compiled_step)
+    results['train']['memory'] = _memory(compiled_step, timed)
     results['train']['flops'] = 3 * results['forward']['flops']
     return results
 
@@ -388,6 +466,10 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument('--forward-only', action='store_true', help='skip the train step')
     parser.add_argument('--compile-only', action='store_true',
                         help='only compile: compile times and XLA\'s memory estimate')
+    parser.add_argument('--gpu-target', default=None,
+                        help='compile for this GPU without having one (implies '
+                             f'--compile-only): one of {sorted(GPU_TARGETS)} or an XLA:GPU '
+                             'target-config file; needs pip install "jax[cuda12]"')
     parser.add_argument('--gemm', action='store_true',
                         help='also measure the matmul throughput of the model\'s largest '
                              'GEMM shapes (with --compare-timm: XLA next to torch)')
@@ -402,6 +484,18 @@ def main(argv=None) -> dict[str, Any]:
                         help='JSON overrides, e.g. \'{"scan_blocks": true, "unroll": 2}\'')
     parser.add_argument('--json', default=None, help='also write the results here')
     args = parser.parse_args(argv)
+    device = None
+    if args.gpu_target:
+        if args.compare_timm or args.gemm:
+            parser.exit(2, 'error: --gpu-target only compiles; drop --compare-timm and '
+                           '--gemm.\n')
+        # Before any backend starts: a CUDA backend that failed to start (no GPU here)
+        # would take the plugin's compile-only devices with it.
+        jax.config.update('jax_platforms', 'cpu')
+        try:
+            device = gpu_target_device(args.gpu_target)
+        except ValueError as e:
+            parser.exit(2, f'error: {e}\n')
     try:
         overrides = json.loads(args.model_args)
         model = registry.create_model(args.model, args.num_classes, DTYPES[args.dtype],
@@ -420,12 +514,14 @@ def main(argv=None) -> dict[str, Any]:
                            'pip install "sequencer-jax[torch]"\n')
         torch.set_num_threads(args.threads or os.cpu_count())
 
+    target = device or jax.devices()[0]
     results: dict[str, Any] = {
         'config': vars(args) | {'model_args': overrides},
-        'platform': {'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
-                     'device_kind': jax.devices()[0].device_kind, 'cpus': os.cpu_count(),
+        'platform': {'backend': 'cuda, compile only' if device else jax.default_backend(),
+                     'device': str(target), 'device_kind': target.device_kind,
+                     'cpus': os.cpu_count(),
                      'machine': platform.machine(), 'jax': jax.__version__,
-                     'compiler_options': xla_options.compiler_options(),
+                     'compiler_options': xla_options.compiler_options(target.platform),
                      'environment': {name: os.environ.get(name) for name in ENVIRONMENT},
                      'transparent_hugepages': _transparent_hugepages()},
     }
@@ -434,7 +530,8 @@ def main(argv=None) -> dict[str, Any]:
           f'{args.image_size}px, {args.dtype}', flush=True)
     results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
                                              args.warmup, args.reps, args.iters,
-                                             not args.forward_only, not args.compile_only)
+                                             not args.forward_only, not args.compile_only,
+                                             device)
     shapes = dense_shapes(model, args.batch_size, args.image_size) if args.gemm else []
     if args.gemm:  # XLA's side before torch runs anything (see benchmark_gemm)
         results['gemm'] = benchmark_gemm(shapes, args.dtype, args.reps, 'xla')

@@ -1,6 +1,9 @@
 """The command-line tools run end to end on tiny models."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +69,47 @@ def test_benchmark_cli_rejects_bad_input():
     assert err.value.code == 2
     with pytest.raises(SystemExit):
         benchmark.main(['--model-args', '{"unrol": 2}'])
+
+
+CUDA_PLUGIN = (importlib.util.find_spec('jax_plugins') is not None
+               and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None)
+
+
+@pytest.fixture
+def restore_jax_platforms():
+    """--gpu-target sets jax_platforms (which no longer matters once backends run)."""
+    previous = jax.config.jax_platforms
+    yield
+    jax.config.update('jax_platforms', previous)
+
+
+def test_benchmark_gpu_target_rejects_bad_input(restore_jax_platforms, capsys):
+    for argv, message in [
+            (['--gpu-target', 'a100'], "neither one of ['h100', 'h200'] nor an XLA:GPU"),
+            (['--gpu-target', 'h200', '--compare-timm'], 'only compiles; drop --compare-timm'),
+    ] + ([] if CUDA_PLUGIN else [(['--gpu-target', 'h200'], 'pip install "jax[cuda12]"')]):
+        with pytest.raises(SystemExit) as err:
+            benchmark.main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason='needs jax\'s CUDA plugin: pip install "jax[cuda12]"')
+def test_benchmark_compiles_for_a_gpu_it_does_not_have(tmp_path):
+    """XLA:GPU compiles the whole train step, the Pallas kernels through Triton and ptxas,
+    for an H200 description on this GPU-less machine (a fresh process: the CUDA plugin's
+    compile-only devices need JAX to start on CPU)."""
+    out = tmp_path / 'h200.json'
+    args = json.loads(TINY_ARGS) | {'recurrence': 'pallas'}
+    subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', '--gpu-target', 'h200',
+                    '--batch-size', '4', '--image-size', '28', '--num-classes', '5',
+                    '--model-args', json.dumps(args), '--json', str(out)], check=True)
+    results = json.loads(out.read_text())
+    assert results['platform']['device_kind'] == 'NVIDIA H200'
+    assert results['platform']['backend'] == 'cuda, compile only'
+    for part in ('forward', 'train'):
+        assert results['sequencer_jax'][f'{part}_compile_s'] > 0
+        assert 'images_per_s' not in results['sequencer_jax'][part]
+        assert results['sequencer_jax'][part]['memory']['xla_estimate_mib'] > 0
 
 
 def test_benchmark_compile_only_shows_remat_saving_memory(capsys):
