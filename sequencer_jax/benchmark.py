@@ -86,7 +86,8 @@ GPU_TARGETS = {
 
 def gpu_target_device(target: str) -> jax.Device:
     """A compile-only device for ``target`` (a ``GPU_TARGETS`` name or a target-config
-    file). JAX must not have started a CUDA backend: run with ``JAX_PLATFORMS=cpu``."""
+    file). Only while JAX has not tried to start a CUDA backend (which fails without a
+    GPU and takes the plugin with it): ``main`` sets ``jax_platforms`` to 'cpu' first."""
     if target in GPU_TARGETS:
         config = GPU_TARGETS[target]
     elif os.path.isfile(target):
