@@ -1,5 +1,6 @@
 """Shared test set-up: 8 fake CPU devices for sharding tests, and common fixtures."""
 
+import importlib
 import json
 import os
 
@@ -9,6 +10,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+try:
+    # With the PyTorch reference installed, its Triton (which timm imports) must load
+    # before TensorFlow: the other order segfaults at collection (both bundle LLVM).
+    importlib.import_module('triton')
+except ImportError:
+    pass
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'timm_parity.npz')
 
