@@ -179,6 +179,11 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
+def _applied(model):
+    """The forward of ``model`` as a function of (params, images)."""
+    return lambda p, x: model.apply({'params': p}, x)
+
+
 def _placed(tree, device: jax.Device):
     """The shapes of ``tree`` as ShapeDtypeStructs on ``device``; nothing is allocated."""
     sharding = SingleDeviceSharding(device)
@@ -216,11 +221,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results: dict[str, Any] = {}
 
     options = xla_options.compiler_options(device.platform if device else None)
-
-    def apply(p, x):
-        return model.apply({'params': p}, x)
-
-    forward = jax.jit(apply, compiler_options=options)
+    forward = jax.jit(_applied(model), compiler_options=options)
     start = time.perf_counter()
     compiled = forward.lower(params, images).compile()
     results['forward_compile_s'] = time.perf_counter() - start
@@ -231,9 +232,8 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     # Model FLOPs, the usual convention for utilisation: a train step counts three
     # forwards (forward + backward), rematerialised work not included. Counted on the
     # reference recurrence: a fused kernel's matmuls run once per grid program, unseen.
-    reference = model.clone(recurrence='scan')
-    results['forward']['flops'] = model_flops(
-        lambda p, x: reference.apply({'params': p}, x), params, images)
+    results['forward']['flops'] = model_flops(_applied(model.clone(recurrence='scan')),
+                                              params, images)
     if not train:
         return results
 
