@@ -1,5 +1,5 @@
 """A fused recurrence kernel in Pallas: the whole time loop of a block of sequences in one
-GPU program, forward and backward.
+GPU or TPU program, forward and backward.
 
 XLA runs a ``lax.scan`` as a loop of separate kernels per step (the recurrent matmul, the
 gate arithmetic, the slice updates), each launched and reading its operands from memory.
@@ -13,18 +13,25 @@ matmul after the kernel, where it runs at GEMM speed.
 On GPUs the kernels lower through Triton, which needs power-of-two block sides: the
 hidden size is zero-padded to a power of two (padded units stay exactly zero: zero weights
 and inputs give ``i = f = o = 1/2``, ``g = 0``, so ``c = h = 0``) and the number of
-sequences to a multiple of the block. On CPU they run in Pallas' interpreter, which is how
-the tests check them against the ``nn.scan`` path; that is for testing, not speed.
+sequences to a multiple of the block. On TPUs they lower through Mosaic, where a program's
+blocks (all T steps of its sequences) sit in VMEM: the block shrinks with T to fit (see
+``_tpu_block``). The gates lie side by side on the last axis ([..., G * Dp]), so that the
+TPU's (8, 128) tiles are not padded along a short gate axis. On CPU the kernels run in
+Pallas' interpreter, which is how the tests check them against the ``nn.scan`` path; that
+is for testing, not speed. The platform is chosen when lowering, so that exporting or
+compiling for a GPU or TPU from a CPU host gets its kernels.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pl_tpu
 from jax.experimental.pallas import triton as pl_triton
 
 from sequencer_jax.models.recurrent import Cell
@@ -39,6 +46,11 @@ _MIN_SIDE = 16
 # One stage: software pipelining cannot overlap the steps of a recurrence, and Triton's
 # default 3 stages asked for 387 KB of shared memory in the LSTM backward (sm_90 has 227).
 _TRITON = dict(num_warps=4, num_stages=1)
+# TPU: a program's blocks, double-buffered, must fit the default scoped VMEM (16 MiB on
+# v4 and v5e, more on later chips) next to the kernel's temporaries.
+_TPU_VMEM_BUDGET = 12 * 2**20
+# float32 rows of a TPU tile.
+_TPU_MIN_BLOCK = 8
 
 
 def _next_power_of_two(n: int) -> int:
@@ -60,14 +72,20 @@ def _recurrent_gates(h: Array, w_ref, b_hh_ref, dtype: Any) -> list[Array]:
             for q in range(w_ref.shape[0])]
 
 
+def _gate_slice(q: int, dp: int) -> slice:
+    """Gate q's units on the last axis of a [..., G * Dp] array."""
+    return slice(q * dp, (q + 1) * dp)
+
+
 def _input_gates(gx_ref, b_ih_ref, t: Array) -> list[Array]:
-    return [gx_ref[t, :, q, :] + b_ih_ref[q] for q in range(gx_ref.shape[2])]
+    num_gates, _, dp = b_ih_ref.shape
+    return [gx_ref[t, :, _gate_slice(q, dp)] + b_ih_ref[q] for q in range(num_gates)]
 
 
 def _forward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *carry_refs, cell, reverse, dtype):
-    """One (recurrence, block of sequences) program. gx_ref [T, bn, G, Dp]; w_ref
+    """One (recurrence, block of sequences) program. gx_ref [T, bn, G*Dp]; w_ref
     [G, Dp, Dp]; b refs [G, 1, Dp]; writes every step's carry to carry_refs [T, bn, Dp]."""
-    length, bn, _, dp = gx_ref.shape
+    length, bn, dp = carry_refs[0].shape
     k = pl.program_id(0)
 
     def step(s, carry):
@@ -84,11 +102,11 @@ def _forward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *carry_refs, cell, revers
 
 def _backward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *refs, cell, reverse, dtype):
     """Reverse steps of one program. Inputs as the forward's plus its carries and the
-    hidden states' cotangent [T, bn, Dp]; writes the gates' cotangents [T, bn, G, Dp] (of
+    hidden states' cotangent [T, bn, Dp]; writes the gates' cotangents [T, bn, G*Dp] (of
     gx and, for the GRU whose two sides differ, of gh)."""
     n_carry = 2 if cell.has_cell_state else 1
     carry_refs, d_hs_ref, d_gate_refs = refs[:n_carry], refs[n_carry], refs[n_carry + 1:]
-    length, bn, _, dp = gx_ref.shape
+    length, bn, dp = d_hs_ref.shape
     k = pl.program_id(0)
 
     def step(i, d_carry):
@@ -101,9 +119,9 @@ def _backward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *refs, cell, reverse, dt
         _, vjp = jax.vjp(lambda c, x, h: cell.step_gates(c, x, h)[0], prev, gx, gh)
         d_prev, d_gx, d_gh = vjp((d_carry[0] + d_hs_ref[t],) + tuple(d_carry[1:]))
         for q, dq in enumerate(d_gx):
-            d_gate_refs[0][t, :, q, :] = dq
+            d_gate_refs[0][t, :, _gate_slice(q, dp)] = dq
         for q, dq in enumerate(d_gh if len(d_gate_refs) > 1 else ()):
-            d_gate_refs[1][t, :, q, :] = dq
+            d_gate_refs[1][t, :, _gate_slice(q, dp)] = dq
         d_h = d_prev[0]
         for q, dq in enumerate(d_gh):
             d_h = d_h + jax.lax.dot_general(dq.astype(dtype), w_ref[q].astype(dtype),
@@ -113,6 +131,15 @@ def _backward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *refs, cell, reverse, dt
 
     zeros = jnp.zeros((bn, dp), jnp.float32)
     jax.lax.fori_loop(0, length, step, (zeros,) * n_carry)
+
+
+def _tpu_block(block: int, shapes: Sequence[tuple[int, ...]]) -> int:
+    """The largest power-of-two divisor of ``block`` (at least 8) whose blocks of the
+    [T, K, Np, ...] ``shapes``, double-buffered, fit ``_TPU_VMEM_BUDGET``."""
+    bytes_per_sequence = sum(s[0] * math.prod(s[3:]) * 4 for s in shapes)
+    while block > _TPU_MIN_BLOCK and 2 * block * bytes_per_sequence > _TPU_VMEM_BUDGET:
+        block //= 2
+    return block
 
 
 def _call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
@@ -125,24 +152,27 @@ def _call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
     def weight_spec(shape):
         return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i,) + (0,) * (len(shape) - 1))
 
-    def sequence_spec(shape):
-        rest = shape[3:]
-        return pl.BlockSpec((length, None, block, *rest), lambda i, j: (0, i, j) + (0,) * len(rest))
+    def call(block: int, **options):
+        def sequence_spec(shape):
+            rest = shape[3:]
+            return pl.BlockSpec((length, None, block, *rest),
+                                lambda i, j: (0, i, j) + (0,) * len(rest))
 
-    def call(interpret: bool):
         return pl.pallas_call(
             kernel, grid=(k, n // block),
             in_specs=[weight_spec(w.shape) for w in weights]
             + [sequence_spec(x.shape) for x in sequences],
             out_specs=[sequence_spec(s) for s in out_shapes],
             out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
-            interpret=interpret,
-            compiler_params=None if interpret else pl_triton.CompilerParams(**_TRITON),
+            **options,
         )(*weights, *sequences)
 
-    # Chosen when lowering, so that exporting for a GPU from a CPU host gets the kernels.
-    return jax.lax.platform_dependent(cpu=lambda: call(True), cuda=lambda: call(False),
-                                      rocm=lambda: call(False))
+    tpu_block = _tpu_block(block, [x.shape for x in sequences] + list(out_shapes))
+    triton = lambda: call(block, compiler_params=pl_triton.CompilerParams(**_TRITON))  # noqa: E731
+    return jax.lax.platform_dependent(
+        cpu=lambda: call(block, interpret=True), cuda=triton, rocm=triton,
+        tpu=lambda: call(tpu_block, compiler_params=pl_tpu.CompilerParams(
+            dimension_semantics=('parallel', 'parallel'))))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -151,7 +181,8 @@ def _fused(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh):
 
 
 def _fused_fwd(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh):
-    length, k, n, _, dp = gx.shape
+    length, k, n, _ = gx.shape
+    dp = w_hh.shape[-1]
     kernel = functools.partial(_forward_kernel, cell=cell, reverse=reverse, dtype=dtype)
     n_carry = 2 if cell.has_cell_state else 1
     carries = _call(kernel, (w_hh, b_ih, b_hh), (gx,), [(length, k, n, dp)] * n_carry, block)
@@ -172,9 +203,12 @@ def _fused_bwd(cell, reverse, dtype, block, residuals, d_hs):
     reverse_prev = jnp.concatenate([hs[1:], zero])
     flip = jnp.asarray(reverse)[None, :, None, None]
     h_prev = jnp.where(flip, reverse_prev, forward_prev)
-    d_w_hh = jnp.einsum('tknd,tknqe->kqde', h_prev.astype(dtype), d_gh.astype(dtype),
+    k, g, _, dp = w_hh.shape
+    d_w_hh = jnp.einsum('tknd,tknqe->kqde', h_prev.astype(dtype),
+                        d_gh.reshape(*d_gh.shape[:3], g, dp).astype(dtype),
                         preferred_element_type=jnp.float32)
-    return (d_gx, d_w_hh, d_gx.sum((0, 2))[:, :, None], d_gh.sum((0, 2))[:, :, None])
+    d_b_ih, d_b_hh = (d.sum((0, 2)).reshape(k, g, 1, dp) for d in (d_gx, d_gh))
+    return d_gx, d_w_hh, d_b_ih, d_b_hh
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -197,16 +231,12 @@ def run_recurrence_pallas(gx: Array, weights: dict[str, Array], cell: Cell,
       cell: the cell type.
       reverse: K booleans; True runs that recurrence from t = T-1 down to 0.
       dtype: dtype of the recurrent matmuls; carries and gates stay float32.
-      block: sequences per program (a power of two, at least 16).
+      block: sequences per program (a power of two, at least 16); on TPUs, fewer where
+        T is long (``_tpu_block``).
 
     Returns:
       [T, K, N, D] hidden states, in input time order for every k.
     """
-    if jax.default_backend() not in ('cpu', 'gpu'):
-        raise ValueError(
-            f"recurrence='pallas' runs Triton kernels on GPUs (and interpreted on CPU, for "
-            f"tests); this is a {jax.default_backend()!r} backend. Use "
-            f"recurrence='natural' there.")
     if block < _MIN_SIDE or block & (block - 1):
         raise ValueError(f'block must be a power of two >= {_MIN_SIDE}, got {block}.')
     t, k, n, _ = gx.shape
@@ -214,7 +244,7 @@ def run_recurrence_pallas(gx: Array, weights: dict[str, Array], cell: Cell,
         raise ValueError(f'reverse has {len(reverse)} entries for {k} recurrences.')
     g, d = cell.num_gates, weights['w_hh'].shape[1]
     dp, np_ = _next_power_of_two(d), -(-n // block) * block
-    gx = _pad_to(_pad_to(gx.reshape(t, k, n, g, d), 4, dp), 2, np_)
+    gx = _pad_to(_pad_to(gx.reshape(t, k, n, g, d), 4, dp), 2, np_).reshape(t, k, np_, g * dp)
     w_hh = weights['w_hh'].astype(jnp.float32).reshape(k, d, g, d).transpose(0, 2, 1, 3)
     w_hh = _pad_to(_pad_to(w_hh, 2, dp), 3, dp)                       # [K, G, Dp, Dp]
     b_ih, b_hh = (_pad_to(weights[name].astype(jnp.float32).reshape(k, g, 1, d), 3, dp)
