@@ -19,9 +19,12 @@ estimate without running, e.g.
     python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
         --model-args '{"remat": true, "scan_blocks": true}' --compile-only
 
-and ``--gpu-target h200`` does the same for a GPU this machine does not have (XLA:GPU
-compiles for a target description; needs jax's CUDA plugin, ``pip install
-"jax[cuda12]"``, but no GPU): memory estimates, and the Pallas kernels through Triton.
+and ``--target`` does the same for a GPU or TPU this machine does not have: ``h100``,
+``h200`` or an XLA:GPU target-config file (XLA:GPU compiles for the description; needs
+jax's CUDA plugin, ``pip install "jax[cuda12]"``, but no GPU), or one chip of a TPU
+``v4``, ``v5e``, ``v5p`` or ``v6e`` (libtpu compiles for the topology; needs ``pip install
+"jax[tpu]"``, but no TPU): memory estimates, and the Pallas kernels through Triton or
+Mosaic.
 """
 
 from __future__ import annotations
@@ -77,33 +80,47 @@ device_description_str: "{name}"
 """
 
 
-# --gpu-target names; any other XLA:GPU target config can be given as a file.
+# --target names of GPUs; any other XLA:GPU target config can be given as a file.
 GPU_TARGETS = {
     'h100': _hopper_target('NVIDIA H100 80GB HBM3', 84_929_347_584, 3_352_320_000_000),
     'h200': _hopper_target('NVIDIA H200', 150_754_820_096, 4_800_000_000_000),
 }
 
 
-def gpu_target_device(target: str) -> jax.Device:
-    """A compile-only device for ``target`` (a ``GPU_TARGETS`` name or a target-config
-    file). Only while JAX has not tried to start a CUDA backend (which fails without a
-    GPU and takes the plugin with it): ``main`` sets ``jax_platforms`` to 'cpu' first."""
+# --target names of TPUs: the smallest topology of each generation (one chip is used).
+TPU_TOPOLOGIES = {'v4': 'v4:2x2x1', 'v5e': 'v5e:2x2', 'v5p': 'v5p:2x2x1', 'v6e': 'v6e:2x2'}
+
+
+def target_device(target: str) -> jax.Device:
+    """A compile-only device for ``target``: a ``TPU_TOPOLOGIES`` or ``GPU_TARGETS`` name,
+    or an XLA:GPU target-config file. Only while JAX has not tried to start a GPU or TPU
+    backend (which fails without the hardware and takes the plugin's compile-only
+    devices with it): ``main`` sets ``jax_platforms`` to 'cpu' first."""
+    if target in TPU_TOPOLOGIES:
+        try:
+            topology = topologies.get_topology_desc(topology_name=TPU_TOPOLOGIES[target],
+                                                    platform='tpu')
+        except RuntimeError as e:
+            raise ValueError(f'--target {target} needs libtpu (no TPU needed): '
+                             f'pip install "jax[tpu]" ({e})') from e
+        return topology.devices[0]
     if target in GPU_TARGETS:
         config = GPU_TARGETS[target]
     elif os.path.isfile(target):
         with open(target) as f:
             config = f.read()
     else:
-        raise ValueError(f'--gpu-target {target!r} is neither one of {sorted(GPU_TARGETS)} '
+        raise ValueError(f'--target {target!r} is neither one of '
+                         f'{sorted(GPU_TARGETS) + sorted(TPU_TOPOLOGIES)} '
                          'nor an XLA:GPU target-config file.')
     try:
         topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
                                                 target_config=config)
     except NotImplementedError as e:
-        raise ValueError("--gpu-target needs jax's CUDA plugin (no GPU needed): "
+        raise ValueError(f"--target {target} needs jax's CUDA plugin (no GPU needed): "
                          'pip install "jax[cuda12]"') from e
     except jax.errors.JaxRuntimeError as e:
-        raise ValueError(f'--gpu-target {target!r}: XLA rejected the target config: {e}') from e
+        raise ValueError(f'--target {target!r}: XLA rejected the target config: {e}') from e
     return topology.devices[0]
 
 
@@ -207,7 +224,7 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
 
     With ``timed=False`` only compiles: compile times and XLA's memory estimate, e.g.
     to check that a large configuration fits a device's memory before renting one. With
-    ``device`` (a compile-only device, see ``gpu_target_device``) compiles for it and
+    ``device`` (a compile-only device, see ``target_device``) compiles for it and
     runs nothing.
     """
     timed = timed and device is None
@@ -467,10 +484,12 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument('--forward-only', action='store_true', help='skip the train step')
     parser.add_argument('--compile-only', action='store_true',
                         help='only compile: compile times and XLA\'s memory estimate')
-    parser.add_argument('--gpu-target', default=None,
-                        help='compile for this GPU without having one (implies '
+    parser.add_argument('--target', default=None,
+                        help='compile for this GPU or TPU without having one (implies '
                              f'--compile-only): one of {sorted(GPU_TARGETS)} or an XLA:GPU '
-                             'target-config file; needs pip install "jax[cuda12]"')
+                             'target-config file (needs pip install "jax[cuda12]"), or a '
+                             f'chip of a TPU {sorted(TPU_TOPOLOGIES)} (needs pip install '
+                             '"jax[tpu]")')
     parser.add_argument('--gemm', action='store_true',
                         help='also measure the matmul throughput of the model\'s largest '
                              'GEMM shapes (with --compare-timm: XLA next to torch)')
@@ -486,15 +505,15 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument('--json', default=None, help='also write the results here')
     args = parser.parse_args(argv)
     device = None
-    if args.gpu_target:
+    if args.target:
         if args.compare_timm or args.gemm:
-            parser.exit(2, 'error: --gpu-target only compiles; drop --compare-timm and '
+            parser.exit(2, 'error: --target only compiles; drop --compare-timm and '
                            '--gemm.\n')
-        # Before any backend starts: a CUDA backend that failed to start (no GPU here)
+        # Before any backend starts: a GPU or TPU backend that failed to start (none here)
         # would take the plugin's compile-only devices with it.
         jax.config.update('jax_platforms', 'cpu')
         try:
-            device = gpu_target_device(args.gpu_target)
+            device = target_device(args.target)
         except ValueError as e:
             parser.exit(2, f'error: {e}\n')
     try:
@@ -518,7 +537,8 @@ def main(argv=None) -> dict[str, Any]:
     target = device or jax.devices()[0]
     results: dict[str, Any] = {
         'config': vars(args) | {'model_args': overrides},
-        'platform': {'backend': 'cuda, compile only' if device else jax.default_backend(),
+        'platform': {'backend': (f'{device.platform}, compile only' if device
+                                 else jax.default_backend()),
                      'device': str(target), 'device_kind': target.device_kind,
                      'cpus': os.cpu_count(),
                      'machine': platform.machine(), 'jax': jax.__version__,

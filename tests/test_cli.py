@@ -73,21 +73,24 @@ def test_benchmark_cli_rejects_bad_input():
 
 CUDA_PLUGIN = (importlib.util.find_spec('jax_plugins') is not None
                and importlib.util.find_spec('jax_plugins.xla_cuda12') is not None)
+LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
 @pytest.fixture
 def restore_jax_platforms():
-    """--gpu-target sets jax_platforms (which no longer matters once backends run)."""
+    """--target sets jax_platforms (which no longer matters once backends run)."""
     previous = jax.config.jax_platforms
     yield
     jax.config.update('jax_platforms', previous)
 
 
-def test_benchmark_gpu_target_rejects_bad_input(restore_jax_platforms, capsys):
+def test_benchmark_target_rejects_bad_input(restore_jax_platforms, capsys):
     for argv, message in [
-            (['--gpu-target', 'a100'], "neither one of ['h100', 'h200'] nor an XLA:GPU"),
-            (['--gpu-target', 'h200', '--compare-timm'], 'only compiles; drop --compare-timm'),
-    ] + ([] if CUDA_PLUGIN else [(['--gpu-target', 'h200'], 'pip install "jax[cuda12]"')]):
+            (['--target', 'a100'],
+             "neither one of ['h100', 'h200', 'v4', 'v5e', 'v5p', 'v6e'] nor an XLA:GPU"),
+            (['--target', 'h200', '--compare-timm'], 'only compiles; drop --compare-timm'),
+    ] + ([] if CUDA_PLUGIN else [(['--target', 'h200'], 'pip install "jax[cuda12]"')]) + (
+            [] if LIBTPU else [(['--target', 'v5e'], 'pip install "jax[tpu]"')]):
         with pytest.raises(SystemExit) as err:
             benchmark.main(argv)
         assert err.value.code == 2 and message in capsys.readouterr().err
@@ -98,14 +101,25 @@ def test_benchmark_compiles_for_a_gpu_it_does_not_have(tmp_path):
     """XLA:GPU compiles the whole train step, the Pallas kernels through Triton and ptxas,
     for an H200 description on this GPU-less machine (a fresh process: the CUDA plugin's
     compile-only devices need JAX to start on CPU)."""
-    out = tmp_path / 'h200.json'
+    _assert_compiles_for(tmp_path, 'h200', 'NVIDIA H200', 'gpu')
+
+
+@pytest.mark.skipif(not LIBTPU, reason='needs libtpu: pip install "jax[tpu]"')
+def test_benchmark_compiles_for_a_tpu_it_does_not_have(tmp_path):
+    """libtpu compiles the whole train step, the Pallas kernels through Mosaic, for one
+    chip of a TPU v5e on this TPU-less machine."""
+    _assert_compiles_for(tmp_path, 'v5e', 'TPU v5 lite', 'tpu')
+
+
+def _assert_compiles_for(tmp_path, target, device_kind, platform):
+    out = tmp_path / f'{target}.json'
     args = json.loads(TINY_ARGS) | {'recurrence': 'pallas'}
-    subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', '--gpu-target', 'h200',
+    subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', '--target', target,
                     '--batch-size', '4', '--image-size', '28', '--num-classes', '5',
                     '--model-args', json.dumps(args), '--json', str(out)], check=True)
     results = json.loads(out.read_text())
-    assert results['platform']['device_kind'] == 'NVIDIA H200'
-    assert results['platform']['backend'] == 'cuda, compile only'
+    assert results['platform']['device_kind'] == device_kind
+    assert results['platform']['backend'] == f'{platform}, compile only'
     for part in ('forward', 'train'):
         assert results['sequencer_jax'][f'{part}_compile_s'] > 0
         assert 'images_per_s' not in results['sequencer_jax'][part]
