@@ -101,8 +101,11 @@ def target_device(target: str) -> jax.Device:
             topology = topologies.get_topology_desc(topology_name=TPU_TOPOLOGIES[target],
                                                     platform='tpu')
         except RuntimeError as e:
-            raise ValueError(f'--target {target} needs libtpu (no TPU needed): '
-                             f'pip install "jax[tpu]" ({e})') from e
+            if 'not installed' in str(e):
+                raise ValueError(f'--target {target} needs libtpu (no TPU needed): '
+                                 'pip install "jax[tpu]"') from e
+            # e.g. libtpu's lock: one process at a time unless ALLOW_MULTIPLE_LIBTPU_LOAD=1.
+            raise ValueError(f'--target {target}: libtpu did not start: {e}') from e
         return topology.devices[0]
     if target in GPU_TARGETS:
         config = GPU_TARGETS[target]

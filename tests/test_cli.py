@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -116,7 +117,8 @@ def _assert_compiles_for(tmp_path, target, device_kind, platform):
     args = json.loads(TINY_ARGS) | {'recurrence': 'pallas'}
     subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', '--target', target,
                     '--batch-size', '4', '--image-size', '28', '--num-classes', '5',
-                    '--model-args', json.dumps(args), '--json', str(out)], check=True)
+                    '--model-args', json.dumps(args), '--json', str(out)], check=True,
+                   env=os.environ | {'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'})  # parallel workers
     results = json.loads(out.read_text())
     assert results['platform']['device_kind'] == device_kind
     assert results['platform']['backend'] == f'{platform}, compile only'

@@ -84,11 +84,13 @@ def test_forward_and_backward_lower_to_triton_kernels_for_a_gpu(cell):
 
 @pytest.mark.skipif(not LIBTPU, reason='needs libtpu: pip install "jax[tpu]"')
 @pytest.mark.parametrize('cell', recurrent.CELL_TYPES)
-def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell):
+def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell, monkeypatch):
     """libtpu compiles both kernels for a TPU v4 chip (the least scoped VMEM, 16 MiB) from
     this host: Mosaic takes every op and layout, and at 56 steps of hidden 96
     (sequencer2d_l's stage 0 at 392 px) the block shrinks to fit VMEM (at 32 sequences the
     LSTM and GRU backward need about 20 MiB)."""
+    # libtpu allows one process per machine unless told otherwise (parallel test workers).
+    monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     device = topologies.get_topology_desc(topology_name='v4:2x2x1', platform='tpu').devices[0]
     model = sj.BiRNN2D(96, cell=cell, recurrence='pallas')
     x = jax.ShapeDtypeStruct((2, 56, 56, 16), jnp.float32)
@@ -115,7 +117,7 @@ def test_tpu_blocks_fit_vmem():
                                     > pallas_recurrence._TPU_VMEM_BUDGET)
 
 
-def test_clear_errors():
+def test_clear_errors(monkeypatch):
     gx = jnp.zeros((3, 2, 4, 4 * 8))
     weights = recurrent.RecurrentWeights(8).init_with_output(jax.random.PRNGKey(0), 5)[0]
     cell = recurrent.get_cell('lstm')
@@ -123,5 +125,10 @@ def test_clear_errors():
         pallas_recurrence.run_recurrence_pallas(gx, weights, cell, (False, True), block=24)
     with pytest.raises(ValueError, match='reverse has 1 entries for 2 recurrences'):
         pallas_recurrence.run_recurrence_pallas(gx, weights, cell, (False,))
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+    long_gx = jnp.zeros((300, 2, 8, 4 * 96))
+    long_weights = recurrent.RecurrentWeights(96).init_with_output(jax.random.PRNGKey(0), 5)[0]
+    with pytest.raises(ValueError, match="all 300 steps .* Use recurrence='natural'"):
+        pallas_recurrence.run_recurrence_pallas(long_gx, long_weights, cell, (False, True))
     with pytest.raises(ValueError, match="Unknown recurrence 'cudnn'"):
         sj.BiRNN2D(8, recurrence='cudnn')

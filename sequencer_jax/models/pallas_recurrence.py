@@ -135,10 +135,19 @@ def _backward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *refs, cell, reverse, dt
 
 def _tpu_block(block: int, shapes: Sequence[tuple[int, ...]]) -> int:
     """The largest power-of-two divisor of ``block`` (at least 8) whose blocks of the
-    [T, K, Np, ...] ``shapes``, double-buffered, fit ``_TPU_VMEM_BUDGET``."""
+    [T, K, Np, ...] ``shapes``, double-buffered, fit ``_TPU_VMEM_BUDGET``. On a TPU
+    backend, a clear error where even 8 sequences do not fit (Mosaic would fail later,
+    deep in compilation)."""
     bytes_per_sequence = sum(s[0] * math.prod(s[3:]) * 4 for s in shapes)
     while block > _TPU_MIN_BLOCK and 2 * block * bytes_per_sequence > _TPU_VMEM_BUDGET:
         block //= 2
+    needed = 2 * block * bytes_per_sequence
+    if needed > _TPU_VMEM_BUDGET and jax.default_backend() == 'tpu':
+        raise ValueError(
+            f"recurrence='pallas' keeps all {shapes[0][0]} steps of a program's sequences "
+            f'in TPU VMEM: {block} sequences need {needed / 2**20:.1f} MiB, over the '
+            f'{_TPU_VMEM_BUDGET // 2**20} MiB it may use. Use recurrence=\'natural\' for '
+            f'sequences this long (smaller images or larger patches shorten them).')
     return block
 
 
