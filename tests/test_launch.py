@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / 'launch'
-SCRIPTS = ['common.sh', 'gpu_benchmark.sh', 'gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh']
+SCRIPTS = ['common.sh', 'device_benchmark.sh', 'gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh']
 
 
 def _shellcheck():
@@ -62,10 +62,10 @@ def test_tpu_pod_dry_run_creates_installs_and_trains():
     assert 'batch_size=4096' in lines[2]
 
 
-def test_gpu_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
+def test_device_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
     env = {'OUT': '/r', 'MODELS': 'sequencer2d_s sequencer2d_l', 'DTYPES': 'bfloat16',
            'PEAK_TFLOPS_BFLOAT16': '989'}
-    result = _dry_run('gpu_benchmark.sh', env)
+    result = _dry_run('device_benchmark.sh', env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == '+ mkdir -p /r'
@@ -77,5 +77,7 @@ def test_gpu_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
     assert ['--compare-timm' in r for r in runs[:4]] == [True, False, True, False]
     assert '--json /r/sequencer2d_s_bfloat16_pallas.json' in runs[1]
     assert 'remat' in runs[4] and '--model sequencer2d_l --batch-size 64' in runs[4]
-    missing = _dry_run('gpu_benchmark.sh', {})
+    tpu_runs = _dry_run('device_benchmark.sh', env | {'TIMM': '0'}).stdout
+    assert tpu_runs.count('sequencer_jax.benchmark') == 5 and '--compare-timm' not in tpu_runs
+    missing = _dry_run('device_benchmark.sh', {})
     assert missing.returncode == 2 and 'set OUT' in missing.stderr

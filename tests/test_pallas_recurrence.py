@@ -86,9 +86,9 @@ def test_forward_and_backward_lower_to_triton_kernels_for_a_gpu(cell):
 @pytest.mark.parametrize('cell', recurrent.CELL_TYPES)
 def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell, monkeypatch):
     """libtpu compiles both kernels for a TPU v4 chip (the least scoped VMEM, 16 MiB) from
-    this host: Mosaic takes every op and layout, and at 56 steps of hidden 96
-    (sequencer2d_l's stage 0 at 392 px) the block shrinks to fit VMEM (at 32 sequences the
-    LSTM and GRU backward need about 20 MiB)."""
+    this host: Mosaic takes every op and layout, and at 56 steps of hidden 96 (stage 1 of
+    Sequencer2D at 784 px) the block shrinks to fit VMEM (at 32 sequences the LSTM and GRU
+    backward need about 20 MiB)."""
     # libtpu allows one process per machine unless told otherwise (parallel test workers).
     monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     device = topologies.get_topology_desc(topology_name='v4:2x2x1', platform='tpu').devices[0]

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# The GPU rows of the README's benchmark table, on one GPU of this host:
+# The GPU or TPU rows of the README's benchmark table, on one accelerator of this host:
 #   1. the fused Pallas recurrence against the nn.scan path, on the device (float32
 #      matmuls at full precision, so both sides compute the same numbers);
 #   2. for each model and dtype, our images/s, compile time, memory and MFU with each
-#      recurrence, timm's (eager, cuDNN LSTM, AMP for bfloat16) next to the first;
+#      recurrence, timm's (eager, cuDNN LSTM, AMP for bfloat16) next to the first on GPUs;
 #   3. sequencer2d_l at batch 64 with scan_blocks and remat: does it fit in 16 GB?
 #
-#   OUT=/tmp/bench PEAK_TFLOPS_FLOAT32=67 PEAK_TFLOPS_BFLOAT16=989 launch/gpu_benchmark.sh
+#   OUT=/tmp/bench PEAK_TFLOPS_FLOAT32=67 PEAK_TFLOPS_BFLOAT16=989 launch/device_benchmark.sh
+#   OUT=/tmp/bench PEAK_TFLOPS_BFLOAT16=197 TIMM=0 launch/device_benchmark.sh   # TPU v5e
 #
 # Environment: OUT (required; one JSON per run), MODELS (default "sequencer2d_s
 # sequencer2d_m sequencer2d_l"), DTYPES ("float32 bfloat16"), RECURRENCES ("natural
-# pallas"), BATCH_SIZE (64), PEAK_TFLOPS_FLOAT32 / PEAK_TFLOPS_BFLOAT16 (the GPU's dense
-# peak; adds MFU), GPU (default 0), DRY_RUN=1 to print the commands only.
-# Needs: pip install -e ".[test,torch]" and jax with CUDA (pip install "jax[cuda12]").
+# pallas"), BATCH_SIZE (64), PEAK_TFLOPS_FLOAT32 / PEAK_TFLOPS_BFLOAT16 (the device's
+# dense peak; adds MFU), TIMM (1: compare with timm; 0 on TPUs, where torch has no
+# device), GPU (default 0), DRY_RUN=1 to print the commands only.
+# Needs: pip install -e ".[test]", jax for the device (pip install "jax[cuda12]" or
+# "jax[tpu]"), and for TIMM=1 the torch extra (pip install -e ".[test,torch]").
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=launch/common.sh
@@ -37,7 +40,7 @@ for model in "${models[@]}"; do
       args=(--model "${model}" --batch-size "${batch_size}" --dtype "${dtype}"
             --model-args "{\"recurrence\": \"${recurrence}\"}"
             --json "${OUT}/${model}_${dtype}_${recurrence}.json")
-      if [[ "${recurrence}" == "${recurrences[0]}" ]]; then
+      if [[ "${TIMM:-1}" == 1 && "${recurrence}" == "${recurrences[0]}" ]]; then
         args+=(--compare-timm)
       fi
       if [[ -n "${!peak:-}" ]]; then
