@@ -1,6 +1,7 @@
 """The fused Pallas recurrence: parity with the nn.scan path (kernels interpreted on CPU),
-several program blocks, bfloat16, whole models, lowering to Triton for a GPU, and (where
-libtpu is installed) compiling with Mosaic for a TPU.
+several program blocks, bfloat16, whole models, lowering to Triton for a GPU, the TPU
+form in Pallas' TPU interpreter, and (where libtpu is installed) compiling with Mosaic
+for a TPU.
 
 Every cell type and direction option is also checked against the scan path in
 test_models.py (test_fast_recurrence_*)."""
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from jax import export
 from jax.experimental import topologies
+from jax.experimental.pallas import tpu as pl_tpu
 from jax.sharding import SingleDeviceSharding
 
 import sequencer_jax as sj
@@ -82,18 +84,50 @@ def test_forward_and_backward_lower_to_triton_kernels_for_a_gpu(cell):
     assert exported.mlir_module().count(f'@{TRITON_CALL}') == 2  # forward and backward
 
 
+@pytest.mark.parametrize('cell', recurrent.CELL_TYPES)
+def test_tpu_form_interpreted_equals_the_scan_path(cell, monkeypatch):
+    """The TPU form (one step per program, the carry in VMEM scratch, time reversed by
+    the index maps) in Pallas' TPU interpreter on CPU: values and gradients, with a VMEM
+    budget so small that each recurrence takes 4 (forward) and 8 (backward) blocks."""
+    monkeypatch.setattr(pallas_recurrence, '_on_platform', lambda loop_call, step_call:
+                        step_call(interpret=pl_tpu.InterpretParams()))
+    monkeypatch.setattr(pallas_recurrence, '_TPU_VMEM_BUDGET', 16384)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 12, 8))
+    fused, reference = (sj.BiRNN2D(16, cell=cell, recurrence=r) for r in ('pallas', 'scan'))
+    variables = reference.init(jax.random.PRNGKey(1), x)
+    (y, grads), (y_ref, grads_ref) = _outputs_and_grads((fused, reference), variables, x)
+    _assert_close(y, y_ref, 1e-5, 1e-6)
+    _assert_close(grads, grads_ref, 1e-5, 1e-6)
+
+
+def test_tpu_blocks_fit_vmem():
+    """Sequences per TPU step: the largest multiple of 8 dividing N that fits the budget."""
+    def lstm_backward(n, dp):
+        return [(56, 4, n, 4 * dp)] * 2 + [(56, 4, n, dp)] * 3
+
+    per_sequence = 5632  # bytes of one step of one sequence at Dp = 128
+    assert pallas_recurrence._tpu_block(2048, lstm_backward(2048, 128)) == 256
+    assert pallas_recurrence._tpu_block(3584, lstm_backward(3584, 128)) == 256
+    assert pallas_recurrence._tpu_block(448, lstm_backward(448, 128)) == 224
+    assert pallas_recurrence._tpu_block(96, lstm_backward(96, 128)) == 96
+    assert pallas_recurrence._tpu_block(2048, lstm_backward(2048, 64)) == 512
+    for n in (96, 448, 2048, 3584):
+        block = pallas_recurrence._tpu_block(n, lstm_backward(n, 128))
+        assert n % block == 0 and block % 8 == 0
+        assert 2 * block * per_sequence <= pallas_recurrence._TPU_VMEM_BUDGET
+
+
 @pytest.mark.skipif(not LIBTPU, reason='needs libtpu: pip install "jax[tpu]"')
 @pytest.mark.parametrize('cell', recurrent.CELL_TYPES)
 def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell, monkeypatch):
     """libtpu compiles both kernels for a TPU v4 chip (the least scoped VMEM, 16 MiB) from
-    this host: Mosaic takes every op and layout, and at 56 steps of hidden 96 (stage 1 of
-    Sequencer2D at 784 px) the block shrinks to fit VMEM (at 32 sequences the LSTM and GRU
-    backward need about 20 MiB)."""
+    this host: Mosaic takes every op, layout and index map, and the largest step blocks
+    (224 of 448 sequences, hidden 96) fit VMEM with the kernels' temporaries."""
     # libtpu allows one process per machine unless told otherwise (parallel test workers).
     monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     device = topologies.get_topology_desc(topology_name='v4:2x2x1', platform='tpu').devices[0]
     model = sj.BiRNN2D(96, cell=cell, recurrence='pallas')
-    x = jax.ShapeDtypeStruct((2, 56, 56, 16), jnp.float32)
+    x = jax.ShapeDtypeStruct((8, 56, 56, 16), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     on_tpu = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
         a.shape, a.dtype, sharding=SingleDeviceSharding(device)), (variables, x))
@@ -102,22 +136,7 @@ def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell, monkeypa
     assert compiled.count('custom_call_target="tpu_custom_call"') == 2  # forward, backward
 
 
-def test_tpu_blocks_fit_vmem():
-    """The block halves (down to 8 sequences) until a program's blocks fit the budget."""
-    lstm_backward = lambda t, dp: [(t, 4, 2048, 4 * dp)] * 2 + [(t, 4, 2048, dp)] * 3  # noqa: E731
-    assert pallas_recurrence._tpu_block(32, lstm_backward(32, 64)) == 32
-    assert pallas_recurrence._tpu_block(32, lstm_backward(56, 128)) == 16
-    assert pallas_recurrence._tpu_block(32, lstm_backward(512, 128)) == 8
-    for t in (8, 32, 56, 128):
-        shapes = lstm_backward(t, 128)
-        block = pallas_recurrence._tpu_block(64, shapes)
-        per_sequence = sum(s[0] * np.prod(s[3:]) * 4 for s in shapes)
-        assert 2 * block * per_sequence <= pallas_recurrence._TPU_VMEM_BUDGET
-        assert 64 % block == 0 and (block == 64 or 4 * block * per_sequence
-                                    > pallas_recurrence._TPU_VMEM_BUDGET)
-
-
-def test_clear_errors(monkeypatch):
+def test_clear_errors():
     gx = jnp.zeros((3, 2, 4, 4 * 8))
     weights = recurrent.RecurrentWeights(8).init_with_output(jax.random.PRNGKey(0), 5)[0]
     cell = recurrent.get_cell('lstm')
@@ -125,10 +144,5 @@ def test_clear_errors(monkeypatch):
         pallas_recurrence.run_recurrence_pallas(gx, weights, cell, (False, True), block=24)
     with pytest.raises(ValueError, match='reverse has 1 entries for 2 recurrences'):
         pallas_recurrence.run_recurrence_pallas(gx, weights, cell, (False,))
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-    long_gx = jnp.zeros((300, 2, 8, 4 * 96))
-    long_weights = recurrent.RecurrentWeights(96).init_with_output(jax.random.PRNGKey(0), 5)[0]
-    with pytest.raises(ValueError, match="all 300 steps .* Use recurrence='natural'"):
-        pallas_recurrence.run_recurrence_pallas(long_gx, long_weights, cell, (False, True))
     with pytest.raises(ValueError, match="Unknown recurrence 'cudnn'"):
         sj.BiRNN2D(8, recurrence='cudnn')

@@ -1,25 +1,33 @@
-"""A fused recurrence kernel in Pallas: the whole time loop of a block of sequences in one
-GPU or TPU program, forward and backward.
+"""Fused recurrence kernels in Pallas: the whole time loop of a recurrence in one kernel,
+the carry kept on chip, forward and backward, on GPUs and TPUs.
 
 XLA runs a ``lax.scan`` as a loop of separate kernels per step (the recurrent matmul, the
 gate arithmetic, the slice updates), each launched and reading its operands from memory.
-Here one program of a grid ``(K, N / block)`` keeps the carry of ``block`` sequences of
-recurrence ``k`` on chip for all T steps and reads only that step's input gates. The
-backward kernel runs the steps in reverse, recomputes each step's gates from the saved
-carries and differentiates ``Cell.step_gates`` (the same formulas as the XLA paths) with
-``jax.vjp``; the weight gradient ``sum_t h_{t-1}^T dgates_t`` is left to one large XLA
-matmul after the kernel, where it runs at GEMM speed.
+Here the carry of a block of sequences stays on chip for all T steps and each step reads
+only its input gates. The backward kernel runs the steps in reverse, recomputes each
+step's gates from the saved carries and differentiates ``Cell.step_gates`` (the same
+formulas as the XLA paths) with ``jax.vjp``; the weight gradient
+``sum_t h_{t-1}^T dgates_t`` is left to one large XLA matmul after the kernel, where it
+runs at GEMM speed. One step's arithmetic (``_step_forward``, ``_step_backward``) is
+shared by two program forms:
 
-On GPUs the kernels lower through Triton, which needs power-of-two block sides: the
-hidden size is zero-padded to a power of two (padded units stay exactly zero: zero weights
-and inputs give ``i = f = o = 1/2``, ``g = 0``, so ``c = h = 0``) and the number of
-sequences to a multiple of the block. On TPUs they lower through Mosaic, where a program's
-blocks (all T steps of its sequences) sit in VMEM: the block shrinks with T to fit (see
-``_tpu_block``). The gates lie side by side on the last axis ([..., G * Dp]), so that the
-TPU's (8, 128) tiles are not padded along a short gate axis. On CPU the kernels run in
-Pallas' interpreter, which is how the tests check them against the ``nn.scan`` path; that
-is for testing, not speed. The platform is chosen when lowering, so that exporting or
-compiling for a GPU or TPU from a CPU host gets its kernels.
+* GPUs (Triton): a grid ``(K, N / block)`` of programs that run concurrently, each
+  looping over all T steps of its ``block`` sequences. Triton needs power-of-two block
+  sides: the hidden size is zero-padded to a power of two (padded units stay exactly zero:
+  zero weights and inputs give ``i = f = o = 1/2``, ``g = 0``, so ``c = h = 0``) and the
+  number of sequences to a multiple of the block.
+* TPUs (Mosaic): a TPU core runs a grid's programs one after another, so many short
+  programs would each multiply a few rows on the MXU. Instead the grid is
+  ``(K, N / bn, T)`` with time innermost and sequential: each program is one step of a
+  large block of sequences (``_tpu_block``: as many as VMEM holds, hundreds), the carry
+  stays in VMEM scratch between steps, and Pallas' pipeline fetches the next step's
+  gates while this one computes. Time runs backwards through the index maps.
+
+The gates lie side by side on the last axis ([..., G * Dp]), so that the TPU's (8, 128)
+tiles are not padded along a short gate axis. On CPU the GPU form runs in Pallas'
+interpreter, which is how the tests check the arithmetic against the ``nn.scan`` path;
+that is for testing, not speed. The platform is chosen when lowering, so that exporting
+or compiling for a GPU or TPU from a CPU host gets its kernels.
 """
 
 from __future__ import annotations
@@ -46,9 +54,10 @@ _MIN_SIDE = 16
 # One stage: software pipelining cannot overlap the steps of a recurrence, and Triton's
 # default 3 stages asked for 387 KB of shared memory in the LSTM backward (sm_90 has 227).
 _TRITON = dict(num_warps=4, num_stages=1)
-# TPU: a program's blocks, double-buffered, must fit the default scoped VMEM (16 MiB on
-# v4 and v5e, more on later chips) next to the kernel's temporaries.
-_TPU_VMEM_BUDGET = 12 * 2**20
+# TPU: a step's blocks, double-buffered, take at most this much VMEM, leaving the rest of
+# the default scoped VMEM (16 MiB on v4 and v5e, more on later chips) to the kernel's
+# temporaries (the gates and their cotangents, a few blocks' worth).
+_TPU_VMEM_BUDGET = 4 * 2**20
 # float32 rows of a TPU tile.
 _TPU_MIN_BLOCK = 8
 
@@ -77,21 +86,57 @@ def _gate_slice(q: int, dp: int) -> slice:
     return slice(q * dp, (q + 1) * dp)
 
 
-def _input_gates(gx_ref, b_ih_ref, t: Array) -> list[Array]:
+def _input_gates(gx_ref, b_ih_ref, at: tuple) -> list[Array]:
+    """``gx + b_ih`` per gate from ``gx_ref[at]`` ([bn, G*Dp]): [bn, Dp] each. Slices of
+    the ref, not of a loaded value: Triton cannot slice values."""
     num_gates, _, dp = b_ih_ref.shape
-    return [gx_ref[t, :, _gate_slice(q, dp)] + b_ih_ref[q] for q in range(num_gates)]
+    return [gx_ref[(*at, slice(None), _gate_slice(q, dp))] + b_ih_ref[q]
+            for q in range(num_gates)]
 
 
-def _forward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *carry_refs, cell, reverse, dtype):
-    """One (recurrence, block of sequences) program. gx_ref [T, bn, G*Dp]; w_ref
-    [G, Dp, Dp]; b refs [G, 1, Dp]; writes every step's carry to carry_refs [T, bn, Dp]."""
+def _step_forward(cell: Cell, dtype: Any, weight_refs, gx_ref, at: tuple, carry):
+    """One step of a block of sequences: the carry after it. ``weight_refs`` are
+    (w [G, Dp, Dp], b_ih [G, 1, Dp], b_hh [G, 1, Dp]); the step's input gates are
+    ``gx_ref[at]`` [bn, G*Dp]; carry: [bn, Dp] arrays."""
+    w_ref, b_ih_ref, b_hh_ref = weight_refs
+    carry, _ = cell.step_gates(carry, _input_gates(gx_ref, b_ih_ref, at),
+                               _recurrent_gates(carry[0], w_ref, b_hh_ref, dtype))
+    return carry
+
+
+def _step_backward(cell: Cell, dtype: Any, weight_refs, gx_ref, at: tuple, prev, d_carry,
+                   d_gate_refs):
+    """The backward of one step: the cotangent of its input carry ``prev`` from
+    ``d_carry`` (of its output carry). Writes the gates' cotangents to
+    ``d_gate_refs[i][at]`` [bn, G*Dp] (gx's and, for the GRU whose two sides differ,
+    gh's)."""
+    w_ref, b_ih_ref, b_hh_ref = weight_refs
+    dp = b_ih_ref.shape[-1]
+    gx = _input_gates(gx_ref, b_ih_ref, at)
+    gh = _recurrent_gates(prev[0], w_ref, b_hh_ref, dtype)
+    _, vjp = jax.vjp(lambda c, x, h: cell.step_gates(c, x, h)[0], prev, gx, gh)
+    d_prev, d_gx, d_gh = vjp(d_carry)
+    for ref, d_gates in zip(d_gate_refs, (d_gx, d_gh)):
+        for q, dq in enumerate(d_gates):
+            ref[(*at, slice(None), _gate_slice(q, dp))] = dq
+    d_h = d_prev[0]
+    for q, dq in enumerate(d_gh):
+        d_h = d_h + jax.lax.dot_general(dq.astype(dtype), w_ref[q].astype(dtype),
+                                        (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+    return (d_h,) + tuple(d_prev[1:])
+
+
+def _forward_loop_kernel(*refs, cell, reverse, dtype):
+    """GPU form: all T steps of one (recurrence, block) program. Refs: the three weights,
+    gx [T, bn, G*Dp], then the outputs: every step's carry [T, bn, Dp]."""
+    weight_refs, gx_ref, carry_refs = refs[:3], refs[3], refs[4:]
     length, bn, dp = carry_refs[0].shape
     k = pl.program_id(0)
 
     def step(s, carry):
         t = _time_index(k, s, length, reverse)
-        carry, _ = cell.step_gates(carry, _input_gates(gx_ref, b_ih_ref, t),
-                                   _recurrent_gates(carry[0], w_ref, b_hh_ref, dtype))
+        carry = _step_forward(cell, dtype, weight_refs, gx_ref, (t,), carry)
         for ref, value in zip(carry_refs, carry):
             ref[t] = value
         return carry
@@ -100,12 +145,12 @@ def _forward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *carry_refs, cell, revers
     jax.lax.fori_loop(0, length, step, (zeros,) * len(carry_refs))
 
 
-def _backward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *refs, cell, reverse, dtype):
-    """Reverse steps of one program. Inputs as the forward's plus its carries and the
-    hidden states' cotangent [T, bn, Dp]; writes the gates' cotangents [T, bn, G*Dp] (of
-    gx and, for the GRU whose two sides differ, of gh)."""
+def _backward_loop_kernel(*refs, cell, reverse, dtype):
+    """GPU form, backward: the steps in reverse. Refs: as the forward's, then its carries
+    and the hidden states' cotangent [T, bn, Dp]; outputs the gates' cotangents."""
     n_carry = 2 if cell.has_cell_state else 1
-    carry_refs, d_hs_ref, d_gate_refs = refs[:n_carry], refs[n_carry], refs[n_carry + 1:]
+    weight_refs, gx_ref, carry_refs = refs[:3], refs[3], refs[4:4 + n_carry]
+    d_hs_ref, d_gate_refs = refs[4 + n_carry], refs[5 + n_carry:]
     length, bn, dp = d_hs_ref.shape
     k = pl.program_id(0)
 
@@ -114,74 +159,135 @@ def _backward_kernel(w_ref, b_ih_ref, b_hh_ref, gx_ref, *refs, cell, reverse, dt
         t = _time_index(k, s, length, reverse)
         t_prev = _time_index(k, jnp.maximum(s - 1, 0), length, reverse)
         prev = tuple(jnp.where(s > 0, ref[t_prev], 0.0) for ref in carry_refs)
-        gx = _input_gates(gx_ref, b_ih_ref, t)
-        gh = _recurrent_gates(prev[0], w_ref, b_hh_ref, dtype)
-        _, vjp = jax.vjp(lambda c, x, h: cell.step_gates(c, x, h)[0], prev, gx, gh)
-        d_prev, d_gx, d_gh = vjp((d_carry[0] + d_hs_ref[t],) + tuple(d_carry[1:]))
-        for q, dq in enumerate(d_gx):
-            d_gate_refs[0][t, :, _gate_slice(q, dp)] = dq
-        for q, dq in enumerate(d_gh if len(d_gate_refs) > 1 else ()):
-            d_gate_refs[1][t, :, _gate_slice(q, dp)] = dq
-        d_h = d_prev[0]
-        for q, dq in enumerate(d_gh):
-            d_h = d_h + jax.lax.dot_general(dq.astype(dtype), w_ref[q].astype(dtype),
-                                            (((1,), (1,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-        return (d_h,) + tuple(d_prev[1:])
+        d_carry = (d_carry[0] + d_hs_ref[t],) + tuple(d_carry[1:])
+        return _step_backward(cell, dtype, weight_refs, gx_ref, (t,), prev, d_carry,
+                              d_gate_refs)
 
     zeros = jnp.zeros((bn, dp), jnp.float32)
     jax.lax.fori_loop(0, length, step, (zeros,) * n_carry)
 
 
-def _tpu_block(block: int, shapes: Sequence[tuple[int, ...]]) -> int:
-    """The largest power-of-two divisor of ``block`` (at least 8) whose blocks of the
-    [T, K, Np, ...] ``shapes``, double-buffered, fit ``_TPU_VMEM_BUDGET``. On a TPU
-    backend, a clear error where even 8 sequences do not fit (Mosaic would fail later,
-    deep in compilation)."""
-    bytes_per_sequence = sum(s[0] * math.prod(s[3:]) * 4 for s in shapes)
-    while block > _TPU_MIN_BLOCK and 2 * block * bytes_per_sequence > _TPU_VMEM_BUDGET:
-        block //= 2
-    needed = 2 * block * bytes_per_sequence
-    if needed > _TPU_VMEM_BUDGET and jax.default_backend() == 'tpu':
-        raise ValueError(
-            f"recurrence='pallas' keeps all {shapes[0][0]} steps of a program's sequences "
-            f'in TPU VMEM: {block} sequences need {needed / 2**20:.1f} MiB, over the '
-            f'{_TPU_VMEM_BUDGET // 2**20} MiB it may use. Use recurrence=\'natural\' for '
-            f'sequences this long (smaller images or larger patches shorten them).')
-    return block
+def _forward_step_kernel(*refs, cell, dtype):
+    """TPU form: step ``program_id(2)`` of one (recurrence, block). Refs: the three
+    weights, this step's gx [bn, G*Dp], its carry outputs [bn, Dp], and the carry kept in
+    scratch between steps."""
+    n_carry = 2 if cell.has_cell_state else 1
+    weight_refs, gx_ref = refs[:3], refs[3]
+    carry_refs, state_refs = refs[4:4 + n_carry], refs[4 + n_carry:]
+
+    @pl.when(pl.program_id(2) == 0)
+    def _start():
+        for ref in state_refs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    carry = _step_forward(cell, dtype, weight_refs, gx_ref, (),
+                          tuple(ref[...] for ref in state_refs))
+    for out, state, value in zip(carry_refs, state_refs, carry):
+        out[...] = value
+        state[...] = value
 
 
-def _call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
-          out_shapes: Sequence[tuple[int, ...]], block: int):
-    """Runs ``kernel(*weights, *sequences, *outputs)`` on the grid (K, Np / block).
-    weights [K, G, ...] are blocked over K; sequences and outputs [T, K, Np, ...] over K
-    and Np."""
+def _backward_step_kernel(*refs, cell, dtype):
+    """TPU form, backward: processing step ``program_id(2)`` counted from the last. Refs:
+    the three weights, this step's gx, the previous step's carries, this step's hidden
+    cotangent; outputs this step's gates' cotangents; scratch: the carry's cotangent."""
+    n_carry = 2 if cell.has_cell_state else 1
+    weight_refs, gx_ref, prev_refs = refs[:3], refs[3], refs[4:4 + n_carry]
+    d_hs_ref, d_gate_refs = refs[4 + n_carry], refs[5 + n_carry:-n_carry]
+    state_refs = refs[-n_carry:]
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _start():
+        for ref in state_refs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    first_step = i == pl.num_programs(2) - 1  # its input carry is zero
+    prev = tuple(jnp.where(first_step, 0.0, ref[...]) for ref in prev_refs)
+    d_carry = ((state_refs[0][...] + d_hs_ref[...],)
+               + tuple(ref[...] for ref in state_refs[1:]))
+    d_prev = _step_backward(cell, dtype, weight_refs, gx_ref, (), prev, d_carry, d_gate_refs)
+    for ref, value in zip(state_refs, d_prev):
+        ref[...] = value
+
+
+def _weight_spec(shape: tuple[int, ...]) -> pl.BlockSpec:
+    """Weights [K, G, ...]: recurrence k's, for any grid whose first axis is k."""
+    return pl.BlockSpec((None, *shape[1:]), lambda k, *_: (k,) + (0,) * (len(shape) - 1))
+
+
+def _loop_call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
+               out_shapes: Sequence[tuple[int, ...]], block: int, **options):
+    """The GPU form: ``kernel(*weights, *sequences, *outputs)`` on the grid (K, Np / block);
+    sequences and outputs [T, K, Np, ...] blocked over K and Np, all T steps at once."""
     length, k, n = out_shapes[0][:3]
 
-    def weight_spec(shape):
-        return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i,) + (0,) * (len(shape) - 1))
+    def sequence_spec(shape):
+        rest = shape[3:]
+        return pl.BlockSpec((length, None, block, *rest),
+                            lambda i, j: (0, i, j) + (0,) * len(rest))
 
-    def call(block: int, **options):
-        def sequence_spec(shape):
-            rest = shape[3:]
-            return pl.BlockSpec((length, None, block, *rest),
-                                lambda i, j: (0, i, j) + (0,) * len(rest))
+    return pl.pallas_call(
+        kernel, grid=(k, n // block),
+        in_specs=[_weight_spec(w.shape) for w in weights]
+        + [sequence_spec(x.shape) for x in sequences],
+        out_specs=[sequence_spec(s) for s in out_shapes],
+        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+        **options,
+    )(*weights, *sequences)
 
-        return pl.pallas_call(
-            kernel, grid=(k, n // block),
-            in_specs=[weight_spec(w.shape) for w in weights]
-            + [sequence_spec(x.shape) for x in sequences],
-            out_specs=[sequence_spec(s) for s in out_shapes],
-            out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
-            **options,
-        )(*weights, *sequences)
 
-    tpu_block = _tpu_block(block, [x.shape for x in sequences] + list(out_shapes))
-    triton = lambda: call(block, compiler_params=pl_triton.CompilerParams(**_TRITON))  # noqa: E731
-    return jax.lax.platform_dependent(
-        cpu=lambda: call(block, interpret=True), cuda=triton, rocm=triton,
-        tpu=lambda: call(tpu_block, compiler_params=pl_tpu.CompilerParams(
-            dimension_semantics=('parallel', 'parallel'))))
+def _tpu_block(n: int, shapes: Sequence[tuple[int, ...]]) -> int:
+    """Sequences per TPU step: the largest multiple of 8 dividing ``n`` whose one-step
+    blocks of the [T, K, Np, ...] ``shapes``, double-buffered, fit ``_TPU_VMEM_BUDGET``."""
+    bytes_per_sequence = sum(math.prod(s[3:]) * 4 for s in shapes)
+    fitting = _TPU_VMEM_BUDGET // (2 * bytes_per_sequence)
+    divisors = [b for b in range(_TPU_MIN_BLOCK, n + 1, _TPU_MIN_BLOCK) if n % b == 0]
+    return max([b for b in divisors if b <= fitting], default=_TPU_MIN_BLOCK)
+
+
+def _step_call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
+               at_previous_step: Sequence[bool], out_shapes: Sequence[tuple[int, ...]],
+               reverse: Sequence[bool], backward: bool, n_state: int, **options):
+    """The TPU form: ``kernel(*weights, *sequences, *outputs, *scratch)`` on the grid
+    (K, Np / bn, T), one step per program, processing order along the last axis (from the
+    last step when ``backward``); a sequence marked in ``at_previous_step`` is read at
+    the step before in processing order (clamped at the first: the kernel masks it).
+    ``n_state`` scratch arrays [bn, Dp] carry state across steps. ``options`` go to
+    ``pallas_call`` (the tests interpret this form on CPU)."""
+    length, k, n = out_shapes[0][:3]
+    dp = weights[0].shape[-1]
+    bn = _tpu_block(n, [x.shape for x in sequences] + list(out_shapes))
+
+    def processing_step(i):
+        return length - 1 - i if backward else i
+
+    def sequence_spec(shape, previous=False):
+        def index(kk, j, i):
+            s = processing_step(i)
+            s = jnp.maximum(s - 1, 0) if previous else s
+            return (_time_index(kk, s, length, reverse), kk, j) + (0,) * len(shape[3:])
+        return pl.BlockSpec((None, None, bn, *shape[3:]), index)
+
+    return pl.pallas_call(
+        kernel, grid=(k, n // bn, length),
+        in_specs=[_weight_spec(w.shape) for w in weights]
+        + [sequence_spec(x.shape, p) for x, p in zip(sequences, at_previous_step)],
+        out_specs=[sequence_spec(s) for s in out_shapes],
+        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+        scratch_shapes=[pl_tpu.VMEM((bn, dp), jnp.float32)] * n_state,
+        compiler_params=pl_tpu.CompilerParams(
+            dimension_semantics=('parallel', 'parallel', 'arbitrary')),
+        **options,
+    )(*weights, *sequences)
+
+
+def _on_platform(loop_call, step_call):
+    """``loop_call(**pallas_call options)`` (the GPU form) on GPUs and, interpreted, on
+    CPU; ``step_call(**options)`` (the TPU form) on TPUs. Chosen when lowering."""
+    triton = lambda: loop_call(compiler_params=pl_triton.CompilerParams(**_TRITON))  # noqa: E731
+    return jax.lax.platform_dependent(cpu=lambda: loop_call(interpret=True), cuda=triton,
+                                      rocm=triton, tpu=step_call)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -191,19 +297,30 @@ def _fused(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh):
 
 def _fused_fwd(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh):
     length, k, n, _ = gx.shape
-    dp = w_hh.shape[-1]
-    kernel = functools.partial(_forward_kernel, cell=cell, reverse=reverse, dtype=dtype)
     n_carry = 2 if cell.has_cell_state else 1
-    carries = _call(kernel, (w_hh, b_ih, b_hh), (gx,), [(length, k, n, dp)] * n_carry, block)
+    out_shapes = [(length, k, n, w_hh.shape[-1])] * n_carry
+    weights = (w_hh, b_ih, b_hh)
+    loop = functools.partial(_forward_loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
+    step = functools.partial(_forward_step_kernel, cell=cell, dtype=dtype)
+    carries = _on_platform(
+        lambda **options: _loop_call(loop, weights, (gx,), out_shapes, block, **options),
+        lambda **options: _step_call(step, weights, (gx,), (False,), out_shapes, reverse,
+                                     backward=False, n_state=n_carry, **options))
     return carries[0], (gx, w_hh, b_ih, b_hh, tuple(carries))
 
 
 def _fused_bwd(cell, reverse, dtype, block, residuals, d_hs):
     gx, w_hh, b_ih, b_hh, carries = residuals
-    kernel = functools.partial(_backward_kernel, cell=cell, reverse=reverse, dtype=dtype)
-    separate_gh = cell.name == 'gru'
-    d_gates = _call(kernel, (w_hh, b_ih, b_hh), (gx, *carries, d_hs),
-                    [gx.shape] * (2 if separate_gh else 1), block)
+    n_carry = len(carries)
+    out_shapes = [gx.shape] * (2 if cell.name == 'gru' else 1)
+    weights, sequences = (w_hh, b_ih, b_hh), (gx, *carries, d_hs)
+    loop = functools.partial(_backward_loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
+    step = functools.partial(_backward_step_kernel, cell=cell, dtype=dtype)
+    d_gates = _on_platform(
+        lambda **options: _loop_call(loop, weights, sequences, out_shapes, block, **options),
+        lambda **options: _step_call(step, weights, sequences,
+                                     (False,) + (True,) * n_carry + (False,), out_shapes,
+                                     reverse, backward=True, n_state=n_carry, **options))
     d_gx, d_gh = d_gates[0], d_gates[-1]
     # Each step's input hidden state: the previous step's output in processing order.
     hs = carries[0]
@@ -240,8 +357,8 @@ def run_recurrence_pallas(gx: Array, weights: dict[str, Array], cell: Cell,
       cell: the cell type.
       reverse: K booleans; True runs that recurrence from t = T-1 down to 0.
       dtype: dtype of the recurrent matmuls; carries and gates stay float32.
-      block: sequences per program (a power of two, at least 16); on TPUs, fewer where
-        T is long (``_tpu_block``).
+      block: sequences per GPU program (a power of two, at least 16); TPUs take as many
+        per step as fit VMEM (``_tpu_block``).
 
     Returns:
       [T, K, N, D] hidden states, in input time order for every k.
