@@ -76,4 +76,5 @@ def get_config(arg=None):
     _set_task(config, 'cifar10')
     return config_defaults.apply_variant(config, arg, {
         'task': _set_task, 'model': config_defaults.set_model,
-        'mesh': config_defaults.set_mesh, 'dtype': config_defaults.set_dtype})
+        'mesh': config_defaults.set_mesh, 'dtype': config_defaults.set_dtype,
+        'remat': config_defaults.set_remat, 'recurrence': config_defaults.set_recurrence})

@@ -6,8 +6,10 @@ floor, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment m9-mstd0.5, rand
 erasing 0.25, stochastic depth rising linearly to 0.1 / 0.2 / 0.4 for S / M / L.
 
 Variant string (comma-separated): ``model=sequencer2d_s|sequencer2d_m|sequencer2d_l``
-(or any registered name), ``mesh=data|fsdp|DxF``, ``dtype=float32|bfloat16``.
-Example: ``--config=configs/imagenet.py:model=sequencer2d_l,mesh=fsdp,dtype=bfloat16``.
+(or any registered name), ``mesh=data|fsdp|DxF``, ``dtype=float32|bfloat16``,
+``remat=true|false`` (recompute blocks in the backward: needed on 16 GB devices at batch
+64 per device), ``recurrence=natural|scan|pallas``.
+Example: ``--config=configs/imagenet.py:model=sequencer2d_l,mesh=fsdp,dtype=bfloat16,remat=true``.
 ImageNet tars go in ``<data_dir>/downloads/manual/`` (see README).
 """
 
@@ -31,4 +33,5 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 1000
     return config_defaults.apply_variant(config, arg, {
         'model': _set_model, 'mesh': config_defaults.set_mesh,
-        'dtype': config_defaults.set_dtype})
+        'dtype': config_defaults.set_dtype, 'remat': config_defaults.set_remat,
+        'recurrence': config_defaults.set_recurrence})

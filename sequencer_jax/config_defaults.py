@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from sequencer_jax.models.sequencer import RECURRENCES
+
 
 def dataset_config(name: str, **overrides) -> ml_collections.ConfigDict:
     """``config.dataset``: which TFDS dataset and how to read it."""
@@ -132,6 +134,21 @@ def set_mesh(config: ml_collections.ConfigDict, value: str) -> None:
 def set_model(config: ml_collections.ConfigDict, name: str) -> None:
     """Variant ``model=NAME`` (any registered variant)."""
     config.model.name = name
+
+
+def set_remat(config: ml_collections.ConfigDict, value: str) -> None:
+    """Variant ``remat=true|false``: recompute each block in the backward pass (with
+    ``scan_blocks``, what fits sequencer2d_l at batch 64 in a 16 GB device)."""
+    if value not in ('true', 'false'):
+        raise ValueError(f'Bad remat {value!r}: use remat=true or remat=false.')
+    config.model.args.remat = value == 'true'
+
+
+def set_recurrence(config: ml_collections.ConfigDict, value: str) -> None:
+    """Variant ``recurrence=natural|scan|pallas`` (see the model's ``recurrence``)."""
+    if value not in RECURRENCES:
+        raise ValueError(f'Unknown recurrence {value!r}: use one of {list(RECURRENCES)}.')
+    config.model.args.recurrence = value
 
 
 def set_dtype(config: ml_collections.ConfigDict, value: str) -> None:

@@ -190,9 +190,13 @@ def test_default_main_job_learns_the_digits(data_dir, tmp_path):
 
 
 def test_config_variants_and_errors():
-    config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16')
+    config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'
+                                         'remat=true,recurrence=pallas')
     assert (config.model.name, config.model.args.drop_path_rate) == ('sequencer2d_l', 0.4)
     assert config.mesh == [('data', 4), ('fsdp', 2)] and config.compute_dtype == 'bfloat16'
+    assert (config.model.args.remat, config.model.args.recurrence) == (True, 'pallas')
+    assert 'remat' not in load_config('imagenet.py').model.args
+    assert load_config('finetune.py', 'remat=false').model.args.remat is False
     finetune = load_config('finetune.py', 'task=imagenet392')
     assert (finetune.image_size, finetune.crop_pct, finetune.optimizer.base_lr) == (392, 1.0, 5e-5)
     flowers = load_config('finetune.py', 'task=oxford_flowers102')
@@ -201,6 +205,10 @@ def test_config_variants_and_errors():
         load_config('imagenet.py', 'modle=x')
     with pytest.raises(ValueError, match='Unknown mesh'):
         load_config('imagenet.py', 'mesh=huge')
+    with pytest.raises(ValueError, match="Bad remat 'yes': use remat=true or remat=false"):
+        load_config('imagenet.py', 'remat=yes')
+    with pytest.raises(ValueError, match="Unknown recurrence 'cudnn'"):
+        load_config('imagenet.py', 'recurrence=cudnn')
     with pytest.raises(ValueError, match='Unknown fine-tuning task'):
         load_config('finetune.py', 'task=mnist')
     locked = config_defaults.base_config()
