@@ -72,7 +72,8 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
                                           crop_pct=crop_pct, split=split)
             return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
 
-        result = loop.evaluate(params, batches, eval_step)
+        with jax.set_mesh(mesh):  # recurrence='pallas' splits its kernels over it
+            result = loop.evaluate(params, batches, eval_step)
         rows.append({'resolution': resolution, **result,
                      'examples': pipeline.num_examples(spec.builder.info.splits, split)})
     return rows

@@ -19,6 +19,7 @@ from jax.sharding import SingleDeviceSharding
 
 import sequencer_jax as sj
 from sequencer_jax.models import pallas_recurrence, recurrent
+from sequencer_jax.train import mesh as mesh_lib
 
 TRITON_CALL = '__gpu$xla.gpu.triton'
 LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -48,6 +49,25 @@ def test_several_blocks_of_sequences_and_unpadded_hidden_size(dtype, tol):
     rtol = tol if dtype == jnp.bfloat16 else 1e-7
     _assert_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), tol, rtol)
     _assert_close(grads, grads_ref, tol, rtol)
+
+
+def test_batch_split_over_a_mesh_runs_each_device_on_its_sequences():
+    """Under ``jax.set_mesh`` (8 CPU devices, batch 8 split over both mesh axes) the
+    kernels run inside shard_map on each device's sequences, as XLA cannot partition a
+    Mosaic or Triton kernel (on a multi-chip TPU it refuses to), and the values and
+    gradients equal the scan path's on one device."""
+    mesh = mesh_lib.make_mesh([('data', 4), ('fsdp', 2)])
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 12, 8))
+    fused, reference = (sj.BiRNN2D(16, cell='gru', recurrence=r) for r in ('pallas', 'scan'))
+    variables = reference.init(jax.random.PRNGKey(1), x)
+    (y_ref, grads_ref), = _outputs_and_grads((reference,), variables, x)
+    with jax.set_mesh(mesh):
+        (y, grads), = jax.jit(_outputs_and_grads, static_argnums=0)(
+            (fused,), jax.device_put(variables, mesh_lib.replicated(mesh)),
+            jax.device_put(x, mesh_lib.batch_sharding(mesh)))
+    assert y.sharding.is_equivalent_to(mesh_lib.batch_sharding(mesh), y.ndim)
+    _assert_close(y, y_ref, 1e-5)
+    _assert_close(grads, grads_ref, 1e-5, rtol=1e-5)  # weight gradients: sums of 8 shards
 
 
 def test_whole_model_with_scan_blocks_and_remat_equals_the_default_path():
@@ -134,6 +154,30 @@ def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell, monkeypa
     grad = jax.jit(jax.grad(lambda v, x: jnp.sum(model.apply(v, x)), argnums=(0, 1)))
     compiled = grad.lower(*on_tpu).compile().as_text()
     assert compiled.count('custom_call_target="tpu_custom_call"') == 2  # forward, backward
+
+
+@pytest.mark.skipif(not LIBTPU, reason='needs libtpu: pip install "jax[tpu]"')
+def test_kernels_split_over_a_mesh_of_tpu_chips(monkeypatch):
+    """Compiled for 4 TPU v5e chips with the batch split over the mesh (as the trainer
+    runs it), each chip's two kernels take its quarter of the 2,048 sequences and no
+    activation is gathered (without the split, Mosaic refuses: its kernels "cannot be
+    automatically partitioned")."""
+    monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+    devices = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu').devices
+    mesh = mesh_lib.make_mesh([('data', -1), ('fsdp', 1)], devices)
+    model = sj.BiRNN2D(48, recurrence='pallas')
+    x = jax.ShapeDtypeStruct((64, 32, 32, 16), jnp.float32,
+                             sharding=mesh_lib.batch_sharding(mesh))
+    variables = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh_lib.replicated(mesh)),
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+    grad = jax.jit(jax.grad(lambda v, x: jnp.sum(model.apply(v, x)), argnums=(0, 1)))
+    with jax.set_mesh(mesh):
+        compiled = grad.lower(variables, x).compile().as_text()
+    calls = [line for line in compiled.splitlines()
+             if 'custom_call_target="tpu_custom_call"' in line]
+    assert len(calls) == 2 and all('f32[32,4,512,' in call for call in calls)
+    assert 'all-gather' not in compiled
 
 
 def test_clear_errors():

@@ -82,6 +82,22 @@ def test_meshes_give_the_same_losses_as_one_device(data_dir, tmp_path):
                                    [expected[s] for s in sorted(expected)], rtol=2e-5)
 
 
+def test_pallas_recurrence_trains_on_a_mesh_like_the_default(data_dir, tmp_path):
+    """The trainer runs under its mesh, so recurrence='pallas' splits its kernels over the
+    8 devices (XLA cannot partition them); the losses equal the default path's."""
+    runs = {}
+    for recurrence in ('natural', 'pallas'):
+        config = tiny_config(data_dir, steps=2, mesh=[('data', 4), ('fsdp', 2)],
+                             checkpoint_every_steps=1000)
+        with config.unlocked():
+            config.model.args.recurrence = recurrence
+        loop.train_and_evaluate(config, str(tmp_path / recurrence))
+        runs[recurrence] = losses(tmp_path / recurrence)
+    assert sorted(runs['pallas']) == [1, 2]
+    np.testing.assert_allclose([runs['pallas'][s] for s in (1, 2)],
+                               [runs['natural'][s] for s in (1, 2)], rtol=1e-5)
+
+
 def test_fsdp_rules_shard_large_parameters():
     import sequencer_jax as sj
     model = sj.create_model('sequencer2d_s', num_classes=1000)

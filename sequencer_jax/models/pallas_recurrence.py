@@ -28,6 +28,11 @@ tiles are not padded along a short gate axis. On CPU the GPU form runs in Pallas
 interpreter, which is how the tests check the arithmetic against the ``nn.scan`` path;
 that is for testing, not speed. The platform is chosen when lowering, so that exporting
 or compiling for a GPU or TPU from a CPU host gets its kernels.
+
+XLA cannot split a Mosaic or Triton kernel over devices. Under a multi-device mesh set
+with ``jax.set_mesh`` (the trainer sets its own), the kernels run inside ``shard_map``,
+each device on its share of the sequences (they are independent; the batch is what the
+mesh splits); the weights' gradients are summed by XLA outside.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pl_tpu
 from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import PartitionSpec
 
 from sequencer_jax.models.recurrent import Cell
 
@@ -290,37 +296,55 @@ def _on_platform(loop_call, step_call):
                                       rocm=triton, tpu=step_call)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fused(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh):
-    return _fused_fwd(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh)[0]
+def _per_shard(mesh, kernels, weights: Sequence[Array], sequences: Sequence[Array]):
+    """``kernels(weights, sequences)`` on each device's share of the sequences (axis 2 of
+    [T, K, Np, ...], split over every axis of ``mesh``; weights whole). XLA cannot split
+    a Mosaic or Triton kernel over devices itself, and the sequences are independent."""
+    if mesh.empty or mesh.size == 1:
+        return kernels(tuple(weights), tuple(sequences))
+    split = PartitionSpec(None, None, mesh.axis_names)
+    return jax.shard_map(kernels, mesh=mesh, in_specs=(PartitionSpec(), split),
+                         out_specs=split, check_vma=False)(tuple(weights), tuple(sequences))
 
 
-def _fused_fwd(cell, reverse, dtype, block, gx, w_hh, b_ih, b_hh):
-    length, k, n, _ = gx.shape
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fused(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
+    return _fused_fwd(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh)[0]
+
+
+def _fused_fwd(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
     n_carry = 2 if cell.has_cell_state else 1
-    out_shapes = [(length, k, n, w_hh.shape[-1])] * n_carry
-    weights = (w_hh, b_ih, b_hh)
     loop = functools.partial(_forward_loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
     step = functools.partial(_forward_step_kernel, cell=cell, dtype=dtype)
-    carries = _on_platform(
-        lambda **options: _loop_call(loop, weights, (gx,), out_shapes, block, **options),
-        lambda **options: _step_call(step, weights, (gx,), (False,), out_shapes, reverse,
-                                     backward=False, n_state=n_carry, **options))
+
+    def kernels(weights, sequences):
+        out_shapes = [(*sequences[0].shape[:3], weights[0].shape[-1])] * n_carry
+        return _on_platform(
+            lambda **options: _loop_call(loop, weights, sequences, out_shapes, block,
+                                         **options),
+            lambda **options: _step_call(step, weights, sequences, (False,), out_shapes,
+                                         reverse, backward=False, n_state=n_carry, **options))
+
+    carries = _per_shard(mesh, kernels, (w_hh, b_ih, b_hh), (gx,))
     return carries[0], (gx, w_hh, b_ih, b_hh, tuple(carries))
 
 
-def _fused_bwd(cell, reverse, dtype, block, residuals, d_hs):
+def _fused_bwd(cell, reverse, dtype, block, mesh, residuals, d_hs):
     gx, w_hh, b_ih, b_hh, carries = residuals
     n_carry = len(carries)
-    out_shapes = [gx.shape] * (2 if cell.name == 'gru' else 1)
-    weights, sequences = (w_hh, b_ih, b_hh), (gx, *carries, d_hs)
     loop = functools.partial(_backward_loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
     step = functools.partial(_backward_step_kernel, cell=cell, dtype=dtype)
-    d_gates = _on_platform(
-        lambda **options: _loop_call(loop, weights, sequences, out_shapes, block, **options),
-        lambda **options: _step_call(step, weights, sequences,
-                                     (False,) + (True,) * n_carry + (False,), out_shapes,
-                                     reverse, backward=True, n_state=n_carry, **options))
+
+    def kernels(weights, sequences):
+        out_shapes = [sequences[0].shape] * (2 if cell.name == 'gru' else 1)
+        return _on_platform(
+            lambda **options: _loop_call(loop, weights, sequences, out_shapes, block,
+                                         **options),
+            lambda **options: _step_call(step, weights, sequences,
+                                         (False,) + (True,) * n_carry + (False,), out_shapes,
+                                         reverse, backward=True, n_state=n_carry, **options))
+
+    d_gates = _per_shard(mesh, kernels, (w_hh, b_ih, b_hh), (gx, *carries, d_hs))
     d_gx, d_gh = d_gates[0], d_gates[-1]
     # Each step's input hidden state: the previous step's output in processing order.
     hs = carries[0]
@@ -368,12 +392,16 @@ def run_recurrence_pallas(gx: Array, weights: dict[str, Array], cell: Cell,
     t, k, n, _ = gx.shape
     if len(reverse) != k:
         raise ValueError(f'reverse has {len(reverse)} entries for {k} recurrences.')
+    # Under a multi-device mesh (``jax.set_mesh``) each device runs its share of the
+    # sequences, a whole number of blocks.
+    mesh = jax.sharding.get_abstract_mesh()
+    share = block * (1 if mesh.empty else mesh.size)
     g, d = cell.num_gates, weights['w_hh'].shape[1]
-    dp, np_ = _next_power_of_two(d), -(-n // block) * block
+    dp, np_ = _next_power_of_two(d), -(-n // share) * share
     gx = _pad_to(_pad_to(gx.reshape(t, k, n, g, d), 4, dp), 2, np_).reshape(t, k, np_, g * dp)
     w_hh = weights['w_hh'].astype(jnp.float32).reshape(k, d, g, d).transpose(0, 2, 1, 3)
     w_hh = _pad_to(_pad_to(w_hh, 2, dp), 3, dp)                       # [K, G, Dp, Dp]
     b_ih, b_hh = (_pad_to(weights[name].astype(jnp.float32).reshape(k, g, 1, d), 3, dp)
                   for name in ('b_ih', 'b_hh'))
-    hs = _fused(cell, tuple(reverse), dtype, block, gx, w_hh, b_ih, b_hh)
+    hs = _fused(cell, tuple(reverse), dtype, block, mesh, gx, w_hh, b_ih, b_hh)
     return hs[:, :, :n, :d]

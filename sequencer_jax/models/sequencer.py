@@ -172,8 +172,9 @@ class BiRNN2D(nn.Module):
       fuse_axes: share one scan between the two axes when H == W.
       recurrence: 'natural' reads the gates in place (``run_recurrence_natural``,
         faster), 'scan' lays them out time-major for ``nn.scan`` (the reference path),
-        'pallas' runs that time-major layout through fused GPU kernels
-        (``run_recurrence_pallas``; interpreted, slowly, on CPU).
+        'pallas' runs that time-major layout through fused GPU or TPU kernels
+        (``run_recurrence_pallas``; interpreted, slowly, on CPU; on several devices,
+        under ``jax.set_mesh``).
       unroll: scan steps unrolled per iteration ('scan' only).
     """
 

@@ -192,8 +192,13 @@ def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) ->
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
+    with jax.set_mesh(mesh):
+        return _train_and_evaluate(config, os.path.abspath(os.path.expanduser(workdir)), mesh)
+
+
+def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
     spec = pipeline.dataset_spec(config.dataset)
     num_classes = config.model.num_classes or spec.num_classes
     model = build_model(config, num_classes)
