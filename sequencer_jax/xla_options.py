@@ -26,6 +26,8 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
 
@@ -45,10 +47,14 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
 @functools.lru_cache(maxsize=None)
 def _supported(backend: str, options: tuple[tuple[str, str], ...]) -> bool:
     """Whether this jaxlib's ``backend`` compiler accepts ``options`` (they are
-    experimental and change between releases)."""
+    experimental and change between releases). The probe runs under its own one-device
+    mesh: under a caller's multi-device ``jax.set_mesh`` its one-device operand would be
+    rejected, and that answer cached."""
+    device = jax.devices(backend)[0]
     try:
-        operand = jax.device_put(jnp.zeros((), jnp.float32), jax.devices(backend)[0])
-        jax.jit(jnp.negative, compiler_options=dict(options)).lower(operand).compile()
+        with jax.set_mesh(Mesh(np.array([device]), ('probe',))):
+            operand = jax.device_put(jnp.zeros((), jnp.float32), device)
+            jax.jit(jnp.negative, compiler_options=dict(options)).lower(operand).compile()
     except Exception:  # noqa: BLE001 - any rejection means: do not use them.
         return False
     return True

@@ -6,6 +6,10 @@ import numpy as np
 
 import sequencer_jax as sj
 from sequencer_jax import xla_options
+from sequencer_jax.train import mesh as mesh_lib
+
+# Start JAX with conftest's 8 CPU devices before a test below clears XLA_FLAGS.
+DEVICES = jax.devices()
 
 
 def test_options_only_on_cpu_and_user_flags_win(monkeypatch):
@@ -20,6 +24,15 @@ def test_options_only_on_cpu_and_user_flags_win(monkeypatch):
 def test_unknown_options_are_dropped():
     assert not xla_options._supported('cpu', (('xla_cpu_no_such_option', 'x'),))
     assert xla_options._supported('cpu', tuple(xla_options.CPU_OPTIONS.items()))
+
+
+def test_options_are_found_under_a_multi_device_mesh(monkeypatch):
+    """The trainer asks for them under its mesh (jax.set_mesh over 8 devices here); the
+    probe must still accept them (it once failed there, and the answer was cached)."""
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+    xla_options._supported.cache_clear()
+    with jax.set_mesh(mesh_lib.make_mesh([('data', 4), ('fsdp', 2)], DEVICES)):
+        assert xla_options.compiler_options('cpu') == xla_options.CPU_OPTIONS
 
 
 def test_model_gives_the_same_numbers_with_the_options():
