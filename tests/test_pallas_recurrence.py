@@ -31,6 +31,12 @@ def _outputs_and_grads(models, variables, x):
             for m in models]
 
 
+def _placed(tree, sharding):
+    """The shapes of ``tree`` laid out by ``sharding``, for compiling without arrays."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        tree)
+
+
 def _assert_close(actual, expected, atol, rtol=1e-7):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=rtol),
                  actual, expected)
@@ -149,8 +155,7 @@ def test_forward_and_backward_compile_to_mosaic_kernels_for_a_tpu(cell, monkeypa
     model = sj.BiRNN2D(96, cell=cell, recurrence='pallas')
     x = jax.ShapeDtypeStruct((8, 56, 56, 16), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    on_tpu = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, a.dtype, sharding=SingleDeviceSharding(device)), (variables, x))
+    on_tpu = _placed((variables, x), SingleDeviceSharding(device))
     grad = jax.jit(jax.grad(lambda v, x: jnp.sum(model.apply(v, x)), argnums=(0, 1)))
     compiled = grad.lower(*on_tpu).compile().as_text()
     assert compiled.count('custom_call_target="tpu_custom_call"') == 2  # forward, backward
@@ -168,9 +173,8 @@ def test_kernels_split_over_a_mesh_of_tpu_chips(monkeypatch):
     model = sj.BiRNN2D(48, recurrence='pallas')
     x = jax.ShapeDtypeStruct((64, 32, 32, 16), jnp.float32,
                              sharding=mesh_lib.batch_sharding(mesh))
-    variables = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh_lib.replicated(mesh)),
-        jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+    variables = _placed(jax.eval_shape(model.init, jax.random.PRNGKey(0), x),
+                        mesh_lib.replicated(mesh))
     grad = jax.jit(jax.grad(lambda v, x: jnp.sum(model.apply(v, x)), argnums=(0, 1)))
     with jax.set_mesh(mesh):
         compiled = grad.lower(variables, x).compile().as_text()

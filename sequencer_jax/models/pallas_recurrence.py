@@ -154,7 +154,7 @@ def _forward_loop_kernel(*refs, cell, reverse, dtype):
 def _backward_loop_kernel(*refs, cell, reverse, dtype):
     """GPU form, backward: the steps in reverse. Refs: as the forward's, then its carries
     and the hidden states' cotangent [T, bn, Dp]; outputs the gates' cotangents."""
-    n_carry = 2 if cell.has_cell_state else 1
+    n_carry = cell.num_carries
     weight_refs, gx_ref, carry_refs = refs[:3], refs[3], refs[4:4 + n_carry]
     d_hs_ref, d_gate_refs = refs[4 + n_carry], refs[5 + n_carry:]
     length, bn, dp = d_hs_ref.shape
@@ -177,7 +177,7 @@ def _forward_step_kernel(*refs, cell, dtype):
     """TPU form: step ``program_id(2)`` of one (recurrence, block). Refs: the three
     weights, this step's gx [bn, G*Dp], its carry outputs [bn, Dp], and the carry kept in
     scratch between steps."""
-    n_carry = 2 if cell.has_cell_state else 1
+    n_carry = cell.num_carries
     weight_refs, gx_ref = refs[:3], refs[3]
     carry_refs, state_refs = refs[4:4 + n_carry], refs[4 + n_carry:]
 
@@ -197,7 +197,7 @@ def _backward_step_kernel(*refs, cell, dtype):
     """TPU form, backward: processing step ``program_id(2)`` counted from the last. Refs:
     the three weights, this step's gx, the previous step's carries, this step's hidden
     cotangent; outputs this step's gates' cotangents; scratch: the carry's cotangent."""
-    n_carry = 2 if cell.has_cell_state else 1
+    n_carry = cell.num_carries
     weight_refs, gx_ref, prev_refs = refs[:3], refs[3], refs[4:4 + n_carry]
     d_hs_ref, d_gate_refs = refs[4 + n_carry], refs[5 + n_carry:-n_carry]
     state_refs = refs[-n_carry:]
@@ -307,44 +307,45 @@ def _per_shard(mesh, kernels, weights: Sequence[Array], sequences: Sequence[Arra
                          out_specs=split, check_vma=False)(tuple(weights), tuple(sequences))
 
 
+def _launch(loop_kernel, step_kernel, backward, cell, reverse, dtype, block, mesh, weights,
+            sequences, at_previous_step, out_widths):
+    """Runs the GPU form ``loop_kernel`` or the TPU form ``step_kernel`` (``_on_platform``)
+    on each device's sequences (``_per_shard``): one [T, K, Np, width] float32 output per
+    ``out_widths``; the TPU form keeps one scratch array per carry array."""
+    loop = functools.partial(loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
+    step = functools.partial(step_kernel, cell=cell, dtype=dtype)
+
+    def kernels(weights, sequences):
+        out_shapes = [(*sequences[0].shape[:3], width) for width in out_widths]
+        return _on_platform(
+            lambda **options: _loop_call(loop, weights, sequences, out_shapes, block,
+                                         **options),
+            lambda **options: _step_call(step, weights, sequences, at_previous_step,
+                                         out_shapes, reverse, backward, cell.num_carries,
+                                         **options))
+
+    return _per_shard(mesh, kernels, weights, sequences)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _fused(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
     return _fused_fwd(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh)[0]
 
 
 def _fused_fwd(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
-    n_carry = 2 if cell.has_cell_state else 1
-    loop = functools.partial(_forward_loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
-    step = functools.partial(_forward_step_kernel, cell=cell, dtype=dtype)
-
-    def kernels(weights, sequences):
-        out_shapes = [(*sequences[0].shape[:3], weights[0].shape[-1])] * n_carry
-        return _on_platform(
-            lambda **options: _loop_call(loop, weights, sequences, out_shapes, block,
-                                         **options),
-            lambda **options: _step_call(step, weights, sequences, (False,), out_shapes,
-                                         reverse, backward=False, n_state=n_carry, **options))
-
-    carries = _per_shard(mesh, kernels, (w_hh, b_ih, b_hh), (gx,))
+    carries = _launch(_forward_loop_kernel, _forward_step_kernel, False, cell, reverse, dtype,
+                      block, mesh, (w_hh, b_ih, b_hh), (gx,), (False,),
+                      [w_hh.shape[-1]] * cell.num_carries)
     return carries[0], (gx, w_hh, b_ih, b_hh, tuple(carries))
 
 
 def _fused_bwd(cell, reverse, dtype, block, mesh, residuals, d_hs):
     gx, w_hh, b_ih, b_hh, carries = residuals
-    n_carry = len(carries)
-    loop = functools.partial(_backward_loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
-    step = functools.partial(_backward_step_kernel, cell=cell, dtype=dtype)
-
-    def kernels(weights, sequences):
-        out_shapes = [sequences[0].shape] * (2 if cell.name == 'gru' else 1)
-        return _on_platform(
-            lambda **options: _loop_call(loop, weights, sequences, out_shapes, block,
-                                         **options),
-            lambda **options: _step_call(step, weights, sequences,
-                                         (False,) + (True,) * n_carry + (False,), out_shapes,
-                                         reverse, backward=True, n_state=n_carry, **options))
-
-    d_gates = _per_shard(mesh, kernels, (w_hh, b_ih, b_hh), (gx, *carries, d_hs))
+    # The GRU's two gate sides differ (r scales gh's n gate), so gh gets its own cotangent.
+    d_gates = _launch(_backward_loop_kernel, _backward_step_kernel, True, cell, reverse,
+                      dtype, block, mesh, (w_hh, b_ih, b_hh), (gx, *carries, d_hs),
+                      (False,) + (True,) * len(carries) + (False,),
+                      [gx.shape[-1]] * (2 if cell.name == 'gru' else 1))
     d_gx, d_gh = d_gates[0], d_gates[-1]
     # Each step's input hidden state: the previous step's output in processing order.
     hs = carries[0]

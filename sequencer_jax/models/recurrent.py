@@ -51,7 +51,7 @@ class Cell:
 
     name: str
     num_gates: int
-    has_cell_state: bool
+    num_carries: int  # arrays in the carry: (h, c) for the LSTM, (h,) otherwise
 
     def step(self, carry, gx: Array, gh: Array, b_ih: Array, b_hh: Array):
         """One time step. gx = x @ W_ih and gh = h @ W_hh (no biases): [K, N, G*D]; b_ih,
@@ -85,9 +85,9 @@ class Cell:
 
 
 CELLS = {
-    'lstm': Cell('lstm', 4, True),
-    'gru': Cell('gru', 3, False),
-    'rnn': Cell('rnn', 1, False),
+    'lstm': Cell('lstm', 4, 2),
+    'gru': Cell('gru', 3, 1),
+    'rnn': Cell('rnn', 1, 1),
 }
 
 
@@ -167,7 +167,7 @@ def run_recurrence(gx: Array, weights: dict[str, Array], cell: Cell, reverse: Se
     if any_reverse:
         gx = jnp.where(flip, gx[::-1], gx)
     zeros = jnp.zeros((k, n, d), jnp.float32)
-    carry = (zeros, zeros) if cell.has_cell_state else (zeros,)
+    carry = (zeros,) * cell.num_carries
     # Rematerialising the step recomputes its gates in the backward pass instead of
     # storing them: measured ~20% faster fwd+bwd on XLA:CPU (less memory traffic).
     scan = nn.scan(nn.remat(_Step, prevent_cse=False), variable_broadcast='params',
@@ -238,7 +238,7 @@ def _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
     k = g.shape[-2]
     n = math.prod(g.shape[:-2]) // g.shape[time_axes[0]]
     zeros = jnp.zeros((k, n, w_hh.shape[1]), jnp.float32)
-    carry = (zeros, zeros) if cell.has_cell_state else (zeros,)
+    carry = (zeros,) * cell.num_carries
 
     def step(carry, t):
         carry = _cell_step(cell, dtype, carry, _read_step(g, t, time_axes, reverse), w_hh,
