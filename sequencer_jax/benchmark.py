@@ -47,7 +47,7 @@ from jax.experimental import topologies
 from jax.extend import core as jax_core
 from jax.sharding import SingleDeviceSharding
 
-from sequencer_jax import xla_options
+from sequencer_jax import host_memory, xla_options
 from sequencer_jax.models import registry
 from sequencer_jax.train import state as state_lib
 from sequencer_jax.train import steps
@@ -61,7 +61,8 @@ MIXING = (('mixup_alpha', 0.8), ('cutmix_alpha', 1.0), ('switch_prob', 0.5), ('s
 TIMM_ARCH_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
                   'bidirectional', 'union', 'with_fc')
 # Settings outside the program that move CPU results by 10% or more (see the README).
-ENVIRONMENT = ('XLA_FLAGS', 'GLIBC_TUNABLES', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY')
+ENVIRONMENT = ('XLA_FLAGS', 'GLIBC_TUNABLES', host_memory.OPT_OUT, 'OMP_NUM_THREADS',
+               'OMP_WAIT_POLICY')
 
 
 def _hopper_target(name: str, memory_bytes: int, bandwidth: int) -> str:
@@ -125,15 +126,6 @@ def target_device(target: str) -> jax.Device:
     except jax.errors.JaxRuntimeError as e:
         raise ValueError(f'--target {target!r}: XLA rejected the target config: {e}') from e
     return topology.devices[0]
-
-
-def _transparent_hugepages() -> str | None:
-    """The kernel's THP mode ('always', 'madvise' or 'never'), None where unknown."""
-    try:
-        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
-            return f.read().split('[')[1].split(']')[0]
-    except (OSError, IndexError):
-        return None
 
 
 def _time_calls(fn: Callable[[], Any], warmup: int, reps: int, iters: int) -> list[float]:
@@ -547,7 +539,7 @@ def main(argv=None) -> dict[str, Any]:
                      'machine': platform.machine(), 'jax': jax.__version__,
                      'compiler_options': xla_options.compiler_options(target.platform),
                      'environment': {name: os.environ.get(name) for name in ENVIRONMENT},
-                     'transparent_hugepages': _transparent_hugepages()},
+                     'transparent_hugepages': host_memory.transparent_hugepages()},
     }
     print(f'Benchmarking {args.model} on {results["platform"]["device_kind"]} '
           f'({results["platform"]["backend"]}), batch {args.batch_size}, '
@@ -587,4 +579,5 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+    host_memory.rerun_with_huge_pages()
     main()

@@ -20,7 +20,7 @@ import os
 import jax
 from absl import app, flags
 
-from sequencer_jax import cli, xla_options
+from sequencer_jax import cli, host_memory, xla_options
 
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
@@ -118,4 +118,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+    host_memory.rerun_with_huge_pages()
     app.run(main)

@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from sequencer_jax import cli
+from sequencer_jax import cli, host_memory
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints and logs')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -56,4 +56,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+    host_memory.rerun_with_huge_pages()
     app.run(main)

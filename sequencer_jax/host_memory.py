@@ -1,0 +1,70 @@
+"""Huge pages for XLA's host buffers: the CLIs re-run themselves once with them on.
+
+XLA:CPU allocates each step's temporaries afresh through glibc's malloc (2.2 GB per
+train step of sequencer2d_s at batch 8), which takes large blocks straight from the
+kernel and returns them on free. Where the kernel's transparent-huge-page mode is
+``madvise`` (Ubuntu's and Debian's default), every 4 KiB page of them then faults and
+is zeroed on first touch, every step. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(glibc >= 2.35) makes malloc ask for 2 MiB pages instead. glibc reads its tunables only
+when a process starts, so ``python -m sequencer_jax.main``, ``.evaluate`` and
+``.benchmark`` re-execute themselves once with the tunable added (same PID, same
+arguments; nothing has run yet). Measured on a 2-core Xeon (README, "Benchmark").
+
+``SEQUENCER_JAX_HUGETLB=0``, or any ``glibc.malloc.hugetlb`` setting of your own in
+``GLIBC_TUNABLES``, leaves the process as it is. Library code never re-executes
+anything; only the CLIs' ``__main__`` calls ``rerun_with_huge_pages``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping
+
+THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
+TUNABLE = 'glibc.malloc.hugetlb'
+OPT_OUT = 'SEQUENCER_JAX_HUGETLB'
+
+
+def transparent_hugepages(path: str = THP_MODE_FILE) -> str | None:
+    """The kernel's THP mode ('always', 'madvise' or 'never'), None where unknown."""
+    try:
+        with open(path) as f:
+            return f.read().split('[')[1].split(']')[0]
+    except (OSError, IndexError):
+        return None
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the running glibc, None for another C library."""
+    try:
+        name, version = os.confstr('CS_GNU_LIBC_VERSION').split()
+        major, minor = version.split('.')[:2]
+        return (int(major), int(minor)) if name == 'glibc' else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None,
+                          glibc: tuple[int, int] | None) -> dict[str, str] | None:
+    """``environ`` with the tunable added, or None where a re-run would change nothing
+    (THP already on for all memory or off, no or an older glibc, opted out, or the
+    tunable already set either way)."""
+    tunables = environ.get('GLIBC_TUNABLES', '')
+    if (environ.get(OPT_OUT) == '0' or thp_mode != 'madvise' or glibc is None
+            or glibc < (2, 35) or f'{TUNABLE}=' in tunables):
+        return None
+    return dict(environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables, f'{TUNABLE}=1'])))
+
+
+def rerun_with_huge_pages() -> None:
+    """Re-executes this Python process with huge pages for malloc where that helps;
+    returns only where it does not. Call it first thing in a CLI's ``__main__``."""
+    environ = huge_page_environment(os.environ, transparent_hugepages(), glibc_version())
+    if environ is None:
+        return
+    print(f'sequencer_jax: re-running with GLIBC_TUNABLES={environ["GLIBC_TUNABLES"]} '
+          f'(huge pages for XLA\'s buffers; {OPT_OUT}=0 turns this off)',
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)

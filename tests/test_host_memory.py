@@ -1,0 +1,97 @@
+"""The CLIs re-run themselves with huge pages for malloc where the kernel needs asking."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sequencer_jax import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = (2, 36)
+
+
+def test_environment_adds_the_tunable_only_where_it_changes_something():
+    env = host_memory.huge_page_environment({'HOME': '/root'}, 'madvise', GLIBC)
+    assert env == {'HOME': '/root', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+    kept = host_memory.huge_page_environment(
+        {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'madvise', GLIBC)
+    assert kept['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+    for environ, thp_mode, glibc in [
+            ({}, 'always', GLIBC),  # every page may be huge already
+            ({}, 'never', GLIBC),
+            ({}, None, GLIBC),  # no THP (not Linux, or a kernel without it)
+            ({}, 'madvise', None),  # musl, macOS: no glibc tunables
+            ({}, 'madvise', (2, 34)),  # the tunable came with glibc 2.35
+            ({'SEQUENCER_JAX_HUGETLB': '0'}, 'madvise', GLIBC),
+            ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'madvise', GLIBC),
+            ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, 'madvise', GLIBC)]:
+        assert host_memory.huge_page_environment(environ, thp_mode, glibc) is None
+
+
+def test_thp_mode_and_glibc_version_are_read(tmp_path):
+    mode_file = tmp_path / 'enabled'
+    mode_file.write_text('always [madvise] never\n')
+    assert host_memory.transparent_hugepages(str(mode_file)) == 'madvise'
+    assert host_memory.transparent_hugepages(str(tmp_path / 'missing')) is None
+    mode_file.write_text('garbled\n')
+    assert host_memory.transparent_hugepages(str(mode_file)) is None
+    version = host_memory.glibc_version()
+    assert version is None or version >= (2, 17)
+
+
+# Touches 256 MiB from malloc (not numpy, which asks for huge pages by itself) and
+# prints how much of the process is in huge pages, and its arguments.
+MALLOC_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from sequencer_jax import host_memory
+    host_memory.rerun_with_huge_pages()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    size = 256 << 20
+    ctypes.memset(libc.malloc(size), 1, size)
+    with open('/proc/self/smaps_rollup') as f:
+        huge_kib = [int(l.split()[1]) for l in f if l.startswith('AnonHugePages:')][0]
+    print(huge_kib, sys.argv[1:])
+""")
+
+needs_madvise_mode = pytest.mark.skipif(
+    host_memory.huge_page_environment({}, host_memory.transparent_hugepages(),
+                                      host_memory.glibc_version()) is None,
+    reason="needs glibc >= 2.35 and the kernel's THP mode 'madvise'")
+
+
+def _run_probe(tmp_path, **env):
+    script = tmp_path / 'probe.py'
+    script.write_text(MALLOC_PROBE)
+    environ = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'} | env
+    result = subprocess.run([sys.executable, str(script), 'a', '--b=c'], cwd=ROOT,
+                            env=environ, capture_output=True, text=True, timeout=120,
+                            check=True)
+    huge_kib, argv = result.stdout.split(maxsplit=1)
+    return int(huge_kib), argv.strip(), result.stderr
+
+
+@needs_madvise_mode
+def test_rerun_puts_malloc_in_huge_pages_keeping_the_arguments(tmp_path):
+    huge_kib, argv, stderr = _run_probe(tmp_path)
+    assert huge_kib >= 200 << 10
+    assert argv == "['a', '--b=c']"
+    assert stderr.count('re-running with GLIBC_TUNABLES=glibc.malloc.hugetlb=1') == 1
+    huge_kib, argv, stderr = _run_probe(tmp_path, SEQUENCER_JAX_HUGETLB='0')
+    assert huge_kib < 32 << 10
+    assert argv == "['a', '--b=c']" and 're-running' not in stderr
+
+
+@needs_madvise_mode
+@pytest.mark.parametrize('cli, flag', [('main', '--workdir'), ('evaluate', '--checkpoint'),
+                                       ('benchmark', '--model')])
+def test_clis_rerun_with_huge_pages(cli, flag):
+    result = subprocess.run([sys.executable, '-m', f'sequencer_jax.{cli}', '--help'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items()
+                                 if k != 'GLIBC_TUNABLES'})
+    assert flag in result.stdout, result.stderr  # the help, from the re-run process
+    assert 're-running with GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in result.stderr
