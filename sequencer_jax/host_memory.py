@@ -3,16 +3,18 @@
 XLA:CPU allocates each step's temporaries afresh through glibc's malloc (2.2 GB per
 train step of sequencer2d_s at batch 8), which takes large blocks straight from the
 kernel and returns them on free. Where the kernel's transparent-huge-page mode is
-``madvise`` (Ubuntu's and Debian's default), every 4 KiB page of them then faults and
-is zeroed on first touch, every step. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-(glibc >= 2.35) makes malloc ask for 2 MiB pages instead. glibc reads its tunables only
-when a process starts, so ``python -m sequencer_jax.main``, ``.evaluate`` and
-``.benchmark`` re-execute themselves once with the tunable added (same PID, same
-arguments; nothing has run yet). Measured on a 2-core Xeon (README, "Benchmark").
+``madvise`` (Ubuntu's default, and this project's CPU machine's), every 4 KiB page of
+them then faults and is zeroed on first touch, every step.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35) makes malloc ask for 2 MiB
+pages instead. glibc reads its tunables only when a process starts, so
+``python -m sequencer_jax.main``, ``.evaluate`` and ``.benchmark`` re-execute
+themselves once with the tunable added (same PID, same arguments; nothing has run
+yet). Measured on a 2-core Xeon (README, "Benchmark").
 
-``SEQUENCER_JAX_HUGETLB=0``, or any ``glibc.malloc.hugetlb`` setting of your own in
-``GLIBC_TUNABLES``, leaves the process as it is. Library code never re-executes
-anything; only the CLIs' ``__main__`` calls ``rerun_with_huge_pages``.
+``SEQUENCER_JAX_HUGETLB=0``, any ``glibc.malloc.hugetlb`` setting of your own in
+``GLIBC_TUNABLES``, or another malloc in ``LD_PRELOAD`` leaves the process as it is.
+Library code never re-executes anything; only the CLIs' ``__main__`` calls
+``rerun_with_huge_pages``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Mapping
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 TUNABLE = 'glibc.malloc.hugetlb'
 OPT_OUT = 'SEQUENCER_JAX_HUGETLB'
+# Allocators users preload in place of glibc's malloc (e.g. tcmalloc on TPU VMs).
+OTHER_MALLOCS = ('tcmalloc', 'jemalloc', 'mimalloc')
 
 
 def transparent_hugepages(path: str = THP_MODE_FILE) -> str | None:
@@ -48,11 +52,13 @@ def glibc_version() -> tuple[int, int] | None:
 def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None,
                           glibc: tuple[int, int] | None) -> dict[str, str] | None:
     """``environ`` with the tunable added, or None where a re-run would change nothing
-    (THP already on for all memory or off, no or an older glibc, opted out, or the
-    tunable already set either way)."""
+    (THP already on for all memory or off, no or an older glibc, another malloc
+    preloaded, opted out, or the tunable already set either way)."""
     tunables = environ.get('GLIBC_TUNABLES', '')
+    preloaded = environ.get('LD_PRELOAD', '')
     if (environ.get(OPT_OUT) == '0' or thp_mode != 'madvise' or glibc is None
-            or glibc < (2, 35) or f'{TUNABLE}=' in tunables):
+            or glibc < (2, 35) or f'{TUNABLE}=' in tunables
+            or any(name in preloaded for name in OTHER_MALLOCS)):
         return None
     return dict(environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables, f'{TUNABLE}=1'])))
 
@@ -61,7 +67,7 @@ def rerun_with_huge_pages() -> None:
     """Re-executes this Python process with huge pages for malloc where that helps;
     returns only where it does not. Call it first thing in a CLI's ``__main__``."""
     environ = huge_page_environment(os.environ, transparent_hugepages(), glibc_version())
-    if environ is None:
+    if environ is None or not sys.executable:  # embedded Pythons cannot be re-run
         return
     print(f'sequencer_jax: re-running with GLIBC_TUNABLES={environ["GLIBC_TUNABLES"]} '
           f'(huge pages for XLA\'s buffers; {OPT_OUT}=0 turns this off)',

@@ -26,6 +26,7 @@ def test_environment_adds_the_tunable_only_where_it_changes_something():
             ({}, 'madvise', None),  # musl, macOS: no glibc tunables
             ({}, 'madvise', (2, 34)),  # the tunable came with glibc 2.35
             ({'SEQUENCER_JAX_HUGETLB': '0'}, 'madvise', GLIBC),
+            ({'LD_PRELOAD': '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4'}, 'madvise', GLIBC),
             ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'madvise', GLIBC),
             ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, 'madvise', GLIBC)]:
         assert host_memory.huge_page_environment(environ, thp_mode, glibc) is None
