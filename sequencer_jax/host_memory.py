@@ -73,4 +73,8 @@ def rerun_with_huge_pages() -> None:
           f'(huge pages for XLA\'s buffers; {OPT_OUT}=0 turns this off)',
           file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError as e:
+        print(f'sequencer_jax: could not re-run {sys.executable} ({e}); continuing with '
+              '4 KiB pages', file=sys.stderr, flush=True)

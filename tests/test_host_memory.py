@@ -43,6 +43,18 @@ def test_thp_mode_and_glibc_version_are_read(tmp_path):
     assert version is None or version >= (2, 17)
 
 
+def test_a_failed_rerun_continues_in_this_process(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(host_memory, 'transparent_hugepages', lambda: 'madvise')
+    monkeypatch.setattr(host_memory, 'glibc_version', lambda: GLIBC)
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    monkeypatch.delenv('SEQUENCER_JAX_HUGETLB', raising=False)
+    monkeypatch.delenv('LD_PRELOAD', raising=False)
+    monkeypatch.setattr(sys, 'executable', str(tmp_path / 'no-such-python'))
+    host_memory.rerun_with_huge_pages()
+    stderr = capsys.readouterr().err
+    assert 're-running' in stderr and 'could not re-run' in stderr and '4 KiB pages' in stderr
+
+
 # Touches 256 MiB from malloc (not numpy, which asks for huge pages by itself) and
 # prints how much of the process is in huge pages, and its arguments.
 MALLOC_PROBE = textwrap.dedent("""
