@@ -76,13 +76,18 @@ needs_madvise_mode = pytest.mark.skipif(
     reason="needs glibc >= 2.35 and the kernel's THP mode 'madvise'")
 
 
+def _environ_without_tunables(**env):
+    """This process's environment without GLIBC_TUNABLES (so the re-run decides), plus
+    ``env``."""
+    return {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'} | env
+
+
 def _run_probe(tmp_path, **env):
     script = tmp_path / 'probe.py'
     script.write_text(MALLOC_PROBE)
-    environ = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'} | env
     result = subprocess.run([sys.executable, str(script), 'a', '--b=c'], cwd=ROOT,
-                            env=environ, capture_output=True, text=True, timeout=120,
-                            check=True)
+                            env=_environ_without_tunables(**env), capture_output=True,
+                            text=True, timeout=120, check=True)
     huge_kib, argv = result.stdout.split(maxsplit=1)
     return int(huge_kib), argv.strip(), result.stderr
 
@@ -104,7 +109,6 @@ def test_rerun_puts_malloc_in_huge_pages_keeping_the_arguments(tmp_path):
 def test_clis_rerun_with_huge_pages(cli, flag):
     result = subprocess.run([sys.executable, '-m', f'sequencer_jax.{cli}', '--help'],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items()
-                                 if k != 'GLIBC_TUNABLES'})
+                            env=_environ_without_tunables())
     assert flag in result.stdout, result.stderr  # the help, from the re-run process
     assert 're-running with GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in result.stderr
