@@ -11,8 +11,10 @@ pages instead. glibc reads its tunables only when a process starts, so
 themselves once with the tunable added (same PID, same arguments; nothing has run
 yet). Measured on a 2-core Xeon (README, "Benchmark").
 
-``SEQUENCER_JAX_HUGETLB=0``, any ``glibc.malloc.hugetlb`` setting of your own in
-``GLIBC_TUNABLES``, or another malloc in ``LD_PRELOAD`` leaves the process as it is.
+``SEQUENCER_JAX_HUGETLB=0`` (or ``false``, ``no``, ``off``), any ``glibc.malloc.hugetlb``
+setting of your own in ``GLIBC_TUNABLES``, or another malloc in ``LD_PRELOAD`` leaves the
+process as it is; another value of the variable stops the CLI with a message, before
+any work.
 Library code never re-executes anything; only the CLIs' ``__main__`` calls
 ``rerun_with_huge_pages``.
 """
@@ -28,6 +30,8 @@ TUNABLE = 'glibc.malloc.hugetlb'
 OPT_OUT = 'SEQUENCER_JAX_HUGETLB'
 # Allocators users preload in place of glibc's malloc (e.g. tcmalloc on TPU VMs).
 OTHER_MALLOCS = ('tcmalloc', 'jemalloc', 'mimalloc')
+OPT_OUT_VALUES = {'0': False, 'false': False, 'no': False, 'off': False,
+                  '1': True, 'true': True, 'yes': True, 'on': True, '': True}
 
 
 def transparent_hugepages(path: str = THP_MODE_FILE) -> str | None:
@@ -53,10 +57,16 @@ def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None,
                           glibc: tuple[int, int] | None) -> dict[str, str] | None:
     """``environ`` with the tunable added, or None where a re-run would change nothing
     (THP already on for all memory or off, no or an older glibc, another malloc
-    preloaded, opted out, or the tunable already set either way)."""
+    preloaded, opted out, or the tunable already set either way). Raises ValueError
+    for a value of ``SEQUENCER_JAX_HUGETLB`` that is not one of ``OPT_OUT_VALUES``."""
+    wanted = OPT_OUT_VALUES.get(environ.get(OPT_OUT, '').strip().lower())
+    if wanted is None:
+        raise ValueError(f'{OPT_OUT}={environ[OPT_OUT]!r} is not understood: set it to 0 '
+                         'to keep 4 KiB pages for malloc, or unset it (or 1) to let the '
+                         'CLI turn huge pages on where the kernel needs asking.')
     tunables = environ.get('GLIBC_TUNABLES', '')
     preloaded = environ.get('LD_PRELOAD', '')
-    if (environ.get(OPT_OUT) == '0' or thp_mode != 'madvise' or glibc is None
+    if (not wanted or thp_mode != 'madvise' or glibc is None
             or glibc < (2, 35) or f'{TUNABLE}=' in tunables
             or any(name in preloaded for name in OTHER_MALLOCS)):
         return None
@@ -65,8 +75,14 @@ def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None,
 
 def rerun_with_huge_pages() -> None:
     """Re-executes this Python process with huge pages for malloc where that helps;
-    returns only where it does not. Call it first thing in a CLI's ``__main__``."""
-    environ = huge_page_environment(os.environ, transparent_hugepages(), glibc_version())
+    returns only where it does not. Call it first thing in a CLI's ``__main__``.
+    Exits with a message (status 2, as for a bad argument) for a value of
+    ``SEQUENCER_JAX_HUGETLB`` it does not understand."""
+    try:
+        environ = huge_page_environment(os.environ, transparent_hugepages(), glibc_version())
+    except ValueError as e:
+        print(f'sequencer_jax: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
     if environ is None or not sys.executable:  # embedded Pythons cannot be re-run
         return
     print(f'sequencer_jax: re-running with GLIBC_TUNABLES={environ["GLIBC_TUNABLES"]} '

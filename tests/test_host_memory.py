@@ -26,10 +26,28 @@ def test_environment_adds_the_tunable_only_where_it_changes_something():
             ({}, 'madvise', None),  # musl, macOS: no glibc tunables
             ({}, 'madvise', (2, 34)),  # the tunable came with glibc 2.35
             ({'SEQUENCER_JAX_HUGETLB': '0'}, 'madvise', GLIBC),
+            ({'SEQUENCER_JAX_HUGETLB': 'False'}, 'madvise', GLIBC),
+            ({'SEQUENCER_JAX_HUGETLB': ' off '}, 'madvise', GLIBC),
             ({'LD_PRELOAD': '/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4'}, 'madvise', GLIBC),
             ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'madvise', GLIBC),
             ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, 'madvise', GLIBC)]:
         assert host_memory.huge_page_environment(environ, thp_mode, glibc) is None
+
+
+def test_the_opt_out_variable_is_read_as_a_switch_or_refused(monkeypatch, capsys):
+    for value in ['1', 'yes', 'ON', '']:
+        env = host_memory.huge_page_environment({'SEQUENCER_JAX_HUGETLB': value},
+                                                'madvise', GLIBC)
+        assert env['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+    with pytest.raises(ValueError, match="SEQUENCER_JAX_HUGETLB='maybe' is not understood"):
+        host_memory.huge_page_environment({'SEQUENCER_JAX_HUGETLB': 'maybe'}, 'never', GLIBC)
+    monkeypatch.setenv('SEQUENCER_JAX_HUGETLB', '2')
+    with pytest.raises(SystemExit) as exit_info:
+        host_memory.rerun_with_huge_pages()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "SEQUENCER_JAX_HUGETLB='2' is not understood: set it to 0" in stderr
+    assert 'Traceback' not in stderr
 
 
 def test_thp_mode_and_glibc_version_are_read(tmp_path):
