@@ -242,13 +242,13 @@ def main(argv=None) -> None:
                              'model, e.g. \'{"layers": [2, 2, 4, 2]}\'')
     args = parser.parse_args(argv)
     try:
-        model_args = json.loads(args.model_args)
+        model_args = registry.overrides_from_json(args.model_args)
         state_dict = official_to_timm_keys(load_state_dict_file(args.input))
         num_classes = args.num_classes if args.num_classes is not None \
             else _num_classes(state_dict)
         variables = from_torch_state_dict(state_dict, args.model, num_classes, **model_args)
         save_converted(args.output, args.model, num_classes, variables, model_args)
-    except (ValueError, json.JSONDecodeError) as e:
+    except ValueError as e:
         parser.exit(2, f'error: {e}\n')
     count = sum(x.size for x in jax.tree.leaves(variables))
     print(f'Wrote {args.model} ({num_classes} classes, {count:,} parameters) to {args.output}')

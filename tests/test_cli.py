@@ -64,12 +64,20 @@ def test_model_flops_match_the_paper(name, paper_gmacs):
     assert counts[0] / 2e9 == pytest.approx(paper_gmacs, rel=0.015)
 
 
-def test_benchmark_cli_rejects_bad_input():
-    with pytest.raises(SystemExit) as err:
-        benchmark.main(['--image-size', '30'])
-    assert err.value.code == 2
-    with pytest.raises(SystemExit):
-        benchmark.main(['--model-args', '{"unrol": 2}'])
+def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
+    for argv, message in [
+            (['--image-size', '30'], 'divisible by the total stride 14'),
+            (['--model-args', '{"unrol": 2}'], "Unknown option(s) ['unrol']"),
+            (['--model-args', '{unroll: 2}'], "--model-args '{unroll: 2}' is not valid JSON"),
+            (['--model-args', '[2]'], 'must be a JSON object of model options'),
+            (['--batch-size', '0'], 'argument --batch-size: must be at least 1, got 0'),
+            (['--reps', '0'], 'argument --reps: must be at least 1, got 0'),
+            (['--warmup', 'two'], "argument --warmup: 'two' is not an integer"),
+            (['--peak-tflops', '-5'], 'argument --peak-tflops: must be a positive number'),
+            (['--json', str(tmp_path / 'missing' / 'b.json')], 'directory does not exist')]:
+        with pytest.raises(SystemExit) as err:
+            benchmark.main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 CUDA_PLUGIN = (importlib.util.find_spec('jax_plugins') is not None

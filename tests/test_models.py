@@ -344,7 +344,7 @@ def test_conversion_names_missing_unexpected_and_misshaped_keys(timm_fixture):
         convert.from_torch_state_dict(sd, 'sequencer2d_m')
 
 
-def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path):
+def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path, capsys):
     info = timm_fixture.case('sequencer2d_s')
     sd = timm_fixture.state_dict('sequencer2d_s')
     npz = tmp_path / 'weights.npz'
@@ -353,6 +353,9 @@ def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path):
     with pytest.raises(SystemExit) as err:  # tiny weights do not fit the full-size model
         convert.main(args + ['--output', str(tmp_path / 'bad')])
     assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:
+        convert.main(args + ['--output', str(tmp_path / 'bad'), '--model-args', '"layers"'])
+    assert err.value.code == 2 and 'must be a JSON object' in capsys.readouterr().err
     model_args = json.dumps(info['overrides'])
     convert.main(args + ['--output', str(tmp_path / 'ckpt'), '--model-args', model_args])
     model, restored = convert.load_converted(str(tmp_path / 'ckpt'))

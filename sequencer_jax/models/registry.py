@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -50,6 +51,21 @@ def model_args(name: str) -> dict[str, Any]:
     if name not in _VARIANTS:
         raise ValueError(f'Unknown model {name!r}. Registered models: {", ".join(list_models())}.')
     return dict(_VARIANTS[name][1])
+
+
+def overrides_from_json(text: str) -> dict[str, Any]:
+    """``create_model`` overrides from a JSON object, as the CLIs' ``--model-args``
+    give them: '{"scan_blocks": true}' -> {'scan_blocks': True}."""
+    example = 'e.g. \'{"scan_blocks": true, "unroll": 2}\''
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--model-args {text!r} is not valid JSON ({e}); write a JSON '
+                         f'object, {example}.') from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f'--model-args {text!r} must be a JSON object of model options, '
+                         f'{example}.')
+    return overrides
 
 
 def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32,
