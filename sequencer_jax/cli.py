@@ -1,7 +1,10 @@
 """Command-line flags shared by the CLIs (absl flags are global: each is defined once)."""
 
-from absl import flags
-from ml_collections import config_flags
+import difflib
+import sys
+
+from absl import app, flags
+from ml_collections import config_dict, config_flags
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
                                          lock_config=True)
@@ -9,9 +12,54 @@ CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'training workdir or conver
 OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'write the results here')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``: a mistyped
+    ``--config.KEY`` override is reported by name, with the nearest keys of the config,
+    instead of as ml_collections' bare AttributeError or KeyError from deep inside."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        print(f'FATAL Flags parsing error: {unknown_overrides_message(argv) or e}',
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def unknown_overrides_message(argv: list[str]) -> str | None:
+    """Which ``--config.KEY`` overrides in ``argv`` name no key of the ``--config`` file,
+    and the keys they may have meant; None if that cannot be told."""
+    config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if config_arg is None:
+        return None
+    try:
+        keys = _dotted_keys(flags.FLAGS['config'].parser.parse(config_arg))
+    except Exception:  # noqa: BLE001 - a config that fails to load has its own error.
+        return None
+    problems = []
+    for arg in argv:
+        if arg.startswith('--config.'):
+            key = arg[len('--config.'):].split('=', 1)[0]
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+                hint = f' (did you mean {", ".join(close)}?)' if close else ''
+                problems.append(f'--config.{key}: the config has no key {key!r}{hint}')
+    if not problems:
+        return None
+    return ('; '.join(problems) + '. Every key, with its meaning: base_config() in '
+            'sequencer_jax/config_defaults.py.')
+
+
+def _dotted_keys(config: config_dict.ConfigDict, prefix: str = '') -> list[str]:
+    """Every key of ``config``, nested ones as 'optimizer.base_lr'."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, config_dict.ConfigDict):
+            keys += _dotted_keys(value, f'{prefix}{key}.')
+    return keys
+
+
 def check_args(argv, **required) -> None:
     """Rejects stray positional arguments and missing required flags (name=FlagHolder)."""
-    from absl import app
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     missing = [f'--{name}' for name, holder in required.items() if holder.value is None]

@@ -96,6 +96,48 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+# (key, test, what it must be) for the numbers of ``base_config`` with a valid range;
+# a None that a FieldReference allows means "use the default" and is not tested.
+_RANGES = (
+    ('batch_size', lambda v: v >= 1, 'at least 1'),
+    ('eval_batch_size', lambda v: v >= 1, 'at least 1 (or None: batch_size)'),
+    ('image_size', lambda v: v >= 1, 'at least 1'),
+    ('eval_image_size', lambda v: v >= 1, 'at least 1 (or None: image_size)'),
+    ('crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('num_epochs', lambda v: v > 0, 'positive'),
+    ('num_train_steps', lambda v: v >= 1, 'at least 1 (or None: from num_epochs)'),
+    ('optimizer.base_lr', lambda v: v >= 0, 'non-negative'),
+    ('optimizer.reference_batch_size', lambda v: v >= 1, 'at least 1'),
+    ('optimizer.warmup_epochs', lambda v: v >= 0, 'non-negative'),
+    ('optimizer.warmup_lr', lambda v: v >= 0, 'non-negative'),
+    ('optimizer.min_lr', lambda v: v >= 0, 'non-negative'),
+    ('optimizer.weight_decay', lambda v: v >= 0, 'non-negative'),
+    ('optimizer.b1', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.b2', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.eps', lambda v: v > 0, 'positive'),
+    ('optimizer.grad_clip_norm', lambda v: v > 0, 'positive (or None: no clipping)'),
+    ('ema_decay', lambda v: 0 < v < 1, 'in (0, 1) (or None: no EMA)'),
+    ('log_every_steps', lambda v: v >= 1, 'at least 1'),
+    ('eval_every_steps', lambda v: v >= 1, 'at least 1'),
+    ('checkpoint_every_steps', lambda v: v >= 1, 'at least 1'),
+    ('keep_checkpoints', lambda v: v >= 1, 'at least 1'),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming every number of a training config that is out of range
+    (e.g. ``--config.batch_size=0``), before anything is built or read."""
+    problems = []
+    for key, valid, requirement in _RANGES:
+        value = config
+        for part in key.split('.'):
+            value = value.get(part) if value is not None else None
+        if value is not None and not valid(value):
+            problems.append(f'config.{key}={value!r} must be {requirement}')
+    if problems:
+        raise ValueError('Bad config: ' + '; '.join(problems) + '.')
+
+
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
                   variants: dict) -> ml_collections.ConfigDict:
     """Applies a big_vision-style variant string ``'key=value,key=value'``.

@@ -20,7 +20,7 @@ import os
 import jax
 from absl import app, flags
 
-from sequencer_jax import cli, host_memory, xla_options
+from sequencer_jax import cli, config_defaults, host_memory, xla_options
 
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
@@ -42,6 +42,12 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     from sequencer_jax.data import pipeline
     from sequencer_jax.train import loop, mesh as mesh_lib, steps
 
+    config_defaults.check_config(config)
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f'--crop_pct={crop_pct} must be in (0, 1], e.g. 0.875.')
+    bad = [r for r in resolutions if r < 1]
+    if bad:
+        raise ValueError(f'--resolutions must be positive image sizes, got {bad}.')
     params, ema_params, model = loop.load_checkpoint_params(checkpoint_dir)
     spec = pipeline.dataset_spec(config.dataset)
     if model is None:
@@ -91,8 +97,12 @@ def main(argv) -> None:
     cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
     config = cli.CONFIG.value
     try:
-        resolutions = [int(r) for r in (_RESOLUTIONS.value or [config.eval_image_size
-                                                               or config.image_size])]
+        resolutions = [config.eval_image_size or config.image_size]
+        if _RESOLUTIONS.value:
+            if not all(r.strip().isdigit() for r in _RESOLUTIONS.value):
+                raise ValueError(f'--resolutions={",".join(_RESOLUTIONS.value)}: give '
+                                 'comma-separated image sizes in pixels, e.g. 224,288.')
+            resolutions = [int(r) for r in _RESOLUTIONS.value]
         rows = evaluate_checkpoint(config, cli.CHECKPOINT.value, resolutions, _CROP_PCT.value,
                                    _SPLIT.value, _EMA.value)
     except ValueError as e:
@@ -119,4 +129,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
     host_memory.rerun_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -57,4 +57,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
     host_memory.rerun_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -233,6 +234,30 @@ def test_config_variants_and_errors():
         locked.batchsize = 3
 
 
+def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_path):
+    for filename, arg in [('default.py', None), ('imagenet.py', 'model=sequencer2d_l'),
+                          ('finetune.py', 'task=oxford_flowers102')]:
+        config_defaults.check_config(load_config(filename, arg))
+    config = tiny_config(str(tmp_path), batch_size=0, num_train_steps=-1,
+                         **{'optimizer.b2': 1.0, 'optimizer.grad_clip_norm': 0.0})
+    message = ('Bad config: config.batch_size=0 must be at least 1; config.num_train_steps=-1 '
+               'must be at least 1 (or None: from num_epochs); config.optimizer.b2=1.0 must '
+               'be in [0, 1); config.optimizer.grad_clip_norm=0.0 must be positive')
+    workdir = tmp_path / 'work'
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+    from sequencer_jax import evaluate
+    for kwargs, error in [({'config': config}, 'Bad config: config.batch_size=0'),
+                          ({'config': tiny_config(str(tmp_path)), 'crop_pct': 1.5},
+                           r'--crop_pct=1.5 must be in \(0, 1\]'),
+                          ({'config': tiny_config(str(tmp_path)), 'resolutions': [32, 0]},
+                           r'--resolutions must be positive image sizes, got \[0\]')]:
+        with pytest.raises(ValueError, match=error):
+            evaluate.evaluate_checkpoint(**{'checkpoint_dir': str(workdir),
+                                            'resolutions': [32], **kwargs})
+
+
 def _cli(args, env_extra=None, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2')
     env.update(env_extra or {})
@@ -261,9 +286,13 @@ def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
     rows = json.loads(out.read_text())['rows']
     assert [r['resolution'] for r in rows] == [28, 42]
     assert all(r['examples'] == 6 and 0 <= r['top1'] <= 1 for r in rows)
-    bad = _cli(['sequencer_jax.main', '--config=configs/imagenet.py', f'--workdir={workdir}',
-                '--config.no_such_key=1'])
-    assert bad.returncode != 0 and 'no_such_key' in bad.stderr
+    for cli, flag in [('main', f'--workdir={workdir}'), ('evaluate', f'--checkpoint={workdir}')]:
+        bad = _cli([f'sequencer_jax.{cli}', '--config=configs/imagenet.py', flag,
+                    '--config.optimizer.base_lrr=1', '--config.no_such_key=1'])
+        assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+        assert ("--config.optimizer.base_lrr: the config has no key 'optimizer.base_lrr' "
+                '(did you mean optimizer.base_lr') in bad.stderr
+        assert "--config.no_such_key: the config has no key 'no_such_key'" in bad.stderr
 
 
 def _free_port():

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from sequencer_jax import convert, xla_options
+from sequencer_jax import config_defaults, convert, xla_options
 from sequencer_jax.data import pipeline
 from sequencer_jax.models import registry
 from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib, steps
@@ -192,6 +192,7 @@ def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) ->
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``."""
+    config_defaults.check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
     with jax.set_mesh(mesh):
