@@ -47,7 +47,7 @@ from jax.experimental import topologies
 from jax.extend import core as jax_core
 from jax.sharding import SingleDeviceSharding
 
-from sequencer_jax import host_memory, xla_options
+from sequencer_jax import arguments, host_memory, xla_options
 from sequencer_jax.models import registry
 from sequencer_jax.train import state as state_lib
 from sequencer_jax.train import steps
@@ -465,41 +465,20 @@ def _print_gemm(rows: list[dict[str, Any]]) -> None:
         print(line)
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
-    return value
-
-
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog='python -m sequencer_jax.benchmark',
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--model', default='sequencer2d_s', choices=registry.list_models())
-    parser.add_argument('--batch-size', type=_at_least(1), default=8)
-    parser.add_argument('--image-size', type=_at_least(1), default=224)
-    parser.add_argument('--num-classes', type=_at_least(1), default=1000)
+    parser.add_argument('--batch-size', type=arguments.at_least(1), default=8)
+    parser.add_argument('--image-size', type=arguments.at_least(1), default=224)
+    parser.add_argument('--num-classes', type=arguments.at_least(1), default=1000)
     parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
-    parser.add_argument('--warmup', type=_at_least(0), default=2, help='untimed calls first')
-    parser.add_argument('--reps', type=_at_least(1), default=5, help='timed repetitions')
-    parser.add_argument('--iters', type=_at_least(1), default=1, help='calls per repetition')
+    parser.add_argument('--warmup', type=arguments.at_least(0), default=2,
+                        help='untimed calls first')
+    parser.add_argument('--reps', type=arguments.at_least(1), default=5,
+                        help='timed repetitions')
+    parser.add_argument('--iters', type=arguments.at_least(1), default=1,
+                        help='calls per repetition')
     parser.add_argument('--forward-only', action='store_true', help='skip the train step')
     parser.add_argument('--compile-only', action='store_true',
                         help='only compile: compile times and XLA\'s memory estimate')
@@ -512,12 +491,12 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument('--gemm', action='store_true',
                         help='also measure the matmul throughput of the model\'s largest '
                              'GEMM shapes (with --compare-timm: XLA next to torch)')
-    parser.add_argument('--peak-tflops', type=_positive_float, default=None,
+    parser.add_argument('--peak-tflops', type=arguments.positive_float, default=None,
                         help='the device\'s peak TFLOP/s for --dtype: adds model FLOPs '
                              'utilisation (MFU) of both sides')
     parser.add_argument('--compare-timm', action='store_true',
                         help='also measure timm (needs torch and timm installed)')
-    parser.add_argument('--threads', type=_at_least(1), default=None,
+    parser.add_argument('--threads', type=arguments.at_least(1), default=None,
                         help='torch intra-op threads (default: all cores, as XLA uses)')
     parser.add_argument('--model-args', default='{}',
                         help='JSON overrides, e.g. \'{"scan_blocks": true, "unroll": 2}\'')

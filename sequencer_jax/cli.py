@@ -1,4 +1,5 @@
-"""Command-line flags shared by the CLIs (absl flags are global: each is defined once)."""
+"""Command-line flags shared by the absl CLIs (absl flags are global: each is defined once),
+and their parser."""
 
 import difflib
 import sys

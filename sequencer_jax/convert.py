@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sequencer_jax import arguments
 from sequencer_jax.models import registry
 
 MODEL_INFO_FILE = 'model.json'
@@ -235,7 +236,7 @@ def main(argv=None) -> None:
     parser.add_argument('--input', required=True, help='.pth, .pt, .safetensors or .npz file')
     parser.add_argument('--model', required=True, choices=registry.list_models())
     parser.add_argument('--output', required=True, help='new directory to write')
-    parser.add_argument('--num-classes', type=int, default=None,
+    parser.add_argument('--num-classes', type=arguments.at_least(1), default=None,
                         help='classifier width (default: read from the head weights)')
     parser.add_argument('--model-args', default='{}',
                         help='JSON object of architecture overrides for a custom-sized '

@@ -227,3 +227,7 @@ def test_data_benchmark_cli(digits_spec, digits_dir, capsys):
     assert 'images/s' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         benchmark.main(['--dataset', 'no_such_set', '--data-dir', str(digits_dir)])
+    with pytest.raises(SystemExit) as err:  # was a tf.data error from inside the pipeline
+        benchmark.main(['--data-dir', str(digits_dir), '--batch-size', '0'])
+    assert err.value.code == 2
+    assert 'argument --batch-size: must be at least 1, got 0' in capsys.readouterr().err

@@ -356,6 +356,10 @@ def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         convert.main(args + ['--output', str(tmp_path / 'bad'), '--model-args', '"layers"'])
     assert err.value.code == 2 and 'must be a JSON object' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        convert.main(args + ['--output', str(tmp_path / 'bad'), '--num-classes', 'ten'])
+    assert err.value.code == 2
+    assert "--num-classes: 'ten' is not an integer" in capsys.readouterr().err
     model_args = json.dumps(info['overrides'])
     convert.main(args + ['--output', str(tmp_path / 'ckpt'), '--model-args', model_args])
     model, restored = convert.load_converted(str(tmp_path / 'ckpt'))

@@ -14,7 +14,7 @@ import time
 
 import ml_collections
 
-from sequencer_jax import config_defaults
+from sequencer_jax import arguments, config_defaults
 from sequencer_jax.data import pipeline
 
 
@@ -38,9 +38,10 @@ def main(argv=None) -> dict[str, float]:
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--dataset', default='sklearn_digits', help='TFDS name')
     parser.add_argument('--data-dir', default=None, help='TFDS data dir (default: TFDS)')
-    parser.add_argument('--batch-size', type=int, default=128, help='per-process batch')
-    parser.add_argument('--image-size', type=int, default=224)
-    parser.add_argument('--batches', type=int, default=20)
+    parser.add_argument('--batch-size', type=arguments.at_least(1), default=128,
+                        help='per-process batch')
+    parser.add_argument('--image-size', type=arguments.at_least(1), default=224)
+    parser.add_argument('--batches', type=arguments.at_least(1), default=20)
     parser.add_argument('--no-augment', action='store_true',
                         help='train stream without crop/flip/RandAugment/erasing')
     args = parser.parse_args(argv)

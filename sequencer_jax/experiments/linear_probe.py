@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 import sequencer_jax as sj
 import sequencer_jax.data.builders  # noqa: F401  (registers 'sklearn_digits' with TFDS)
+from sequencer_jax import arguments
 from sequencer_jax.data import transforms
 
 
@@ -72,7 +73,7 @@ def main(argv=None) -> dict[str, float]:
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--checkpoint', required=True,
                         help='a directory written by python -m sequencer_jax.convert')
-    parser.add_argument('--image_size', type=int, default=224)
+    parser.add_argument('--image_size', type=arguments.at_least(1), default=224)
     parser.add_argument('--data_dir', default=None, help='TFDS data dir')
     args = parser.parse_args(argv)
     try:
