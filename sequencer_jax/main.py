@@ -20,8 +20,10 @@ from sequencer_jax import cli, host_memory
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints and logs')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-process runs')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes',
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process',
+                                   lower_bound=0)
 
 
 def _cluster_detected() -> bool:
@@ -40,6 +42,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
         if any(v is None for v in explicit):
             raise app.UsageError('--coordinator_address, --num_processes and --process_id '
                                  'go together.')
+        if process_id >= num_processes:
+            raise app.UsageError(f'--process_id={process_id} must be below '
+                                 f'--num_processes={num_processes} (ids count from 0).')
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif _cluster_detected():
         jax.distributed.initialize()

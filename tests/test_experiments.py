@@ -141,11 +141,17 @@ def test_erf_cli(trained, data_dir, tmp_path):
                    f'--checkpoint={trained}', f'--config.dataset.data_dir={data_dir}',
                    "--config.model.args={'layers': (1, 1, 1, 1), 'patch_sizes': (4, 2, 1, 1), "
                    "'embed_dims': (16, 24, 24, 24), 'hidden_sizes': (4, 6, 6, 6)}",
-                   '--num_images=4', f'--output={tmp_path / "erf.png"}'])
+                   '--num_images=4', f'--output={tmp_path / "maps" / "erf.png"}'])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / 'erf.png').read_bytes()[:8] == PNG_MAGIC
-    assert np.load(tmp_path / 'erf.npy').shape == (32, 32)
+    assert (tmp_path / 'maps' / 'erf.png').read_bytes()[:8] == PNG_MAGIC
+    assert np.load(tmp_path / 'maps' / 'erf.npy').shape == (32, 32)
     assert 'high-contribution area ratio' in result.stdout
+    for flag, message in [('--num_images=0', 'flag --num_images=0: 0 is not a positive integer'),
+                          ('--config.imagesize=32', '(did you mean image_size')]:
+        bad = _run(['sequencer_jax.experiments.erf', '--config=configs/default.py',
+                    f'--checkpoint={trained}', flag])
+        assert bad.returncode == 1 and message in bad.stderr, bad.stderr[-3000:]
+        assert 'Traceback' not in bad.stderr
 
 
 def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path):

@@ -295,6 +295,15 @@ def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
         assert "--config.no_such_key: the config has no key 'no_such_key'" in bad.stderr
 
 
+def test_explicit_multi_process_flags_are_checked_before_connecting():
+    from absl import app
+    from sequencer_jax import main
+    with pytest.raises(app.UsageError, match='go together'):
+        main.initialize_distributed('localhost:1234', None, 0)
+    with pytest.raises(app.UsageError, match='--process_id=2 must be below --num_processes=2'):
+        main.initialize_distributed('localhost:1234', 2, 2)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('localhost', 0))

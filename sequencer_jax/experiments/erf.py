@@ -20,8 +20,10 @@ from absl import app, flags
 
 from sequencer_jax import cli, xla_options
 
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 50, 'eval images to average over')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'input size (default: the config\'s)')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 50, 'eval images to average over',
+                                   lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'input size (default: the config\'s)',
+                                   lower_bound=1)
 _OUTPUT = flags.DEFINE_string('output', 'erf.png', 'PNG to write (the raw map goes to .npy)')
 
 
@@ -102,6 +104,7 @@ def main(argv) -> None:
         erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     np.save(os.path.splitext(_OUTPUT.value)[0] + '.npy', erf)
     save_png(erf, _OUTPUT.value)
     areas = {f: high_contribution_area(erf, f) for f in (0.2, 0.3, 0.5, 0.99)}
@@ -111,4 +114,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

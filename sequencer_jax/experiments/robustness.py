@@ -19,6 +19,7 @@ download, see the TFDS catalogue):
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import ml_collections
@@ -154,10 +155,11 @@ def main(argv) -> None:
     for key, value in result['scores'].items():
         print(f'{key:<22}{value:>8.2f}')
     if cli.OUTPUT_JSON.value:
+        os.makedirs(os.path.dirname(os.path.abspath(cli.OUTPUT_JSON.value)), exist_ok=True)
         with open(cli.OUTPUT_JSON.value, 'w') as f:
             json.dump(result, f, indent=1)
         print(f'wrote {cli.OUTPUT_JSON.value}')
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
