@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sequencer_jax import arguments
+from sequencer_jax import arguments, storage
 from sequencer_jax.models import registry
 
 MODEL_INFO_FILE = 'model.json'
@@ -196,35 +196,34 @@ def load_state_dict_file(path: str) -> dict[str, Any]:
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def save_converted(output_dir: str, name: str, num_classes: int, variables: dict[str, Any],
-                   model_args: dict[str, Any] | None = None) -> None:
-    """Writes ``variables`` as an orbax checkpoint plus ``model.json`` describing the model."""
+def save_converted(output_dir: str | os.PathLike, name: str, num_classes: int,
+                   variables: dict[str, Any], model_args: dict[str, Any] | None = None) -> None:
+    """Writes ``variables`` as an orbax checkpoint plus ``model.json`` describing the model,
+    into a new local or ``gs://`` directory."""
     import orbax.checkpoint as ocp
-    output_dir = os.path.abspath(output_dir)
-    params_dir = os.path.join(output_dir, PARAMS_DIR)
-    if os.path.exists(params_dir):
+    output_dir = storage.resolve(output_dir)
+    params_dir = output_dir / PARAMS_DIR
+    if params_dir.exists():
         raise ValueError(f'{params_dir} already exists; choose a new --output directory.')
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, variables)
-    with open(os.path.join(output_dir, MODEL_INFO_FILE), 'w') as f:
-        json.dump({'model': name, 'num_classes': num_classes,
-                   'model_args': model_args or {}}, f, indent=1)
+    (output_dir / MODEL_INFO_FILE).write_text(json.dumps(
+        {'model': name, 'num_classes': num_classes, 'model_args': model_args or {}}, indent=1))
 
 
-def load_converted(path: str):
+def load_converted(path: str | os.PathLike):
     """Reads a directory written by ``save_converted``: (Flax model, variables)."""
     import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    info_file = os.path.join(path, MODEL_INFO_FILE)
-    if not os.path.exists(info_file):
+    path = storage.resolve(path)
+    info_file = path / MODEL_INFO_FILE
+    if not info_file.exists():
         raise ValueError(f'{path} is not a converted checkpoint (no {MODEL_INFO_FILE}); '
                          'create one with python -m sequencer_jax.convert.')
-    with open(info_file) as f:
-        info = json.load(f)
+    info = json.loads(info_file.read_text())
     model = registry.create_model(info['model'], info['num_classes'], **info['model_args'])
     with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(os.path.join(path, PARAMS_DIR))
+        variables = ckptr.restore(path / PARAMS_DIR)
     return model, variables
 
 

@@ -295,6 +295,20 @@ def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
         assert "--config.no_such_key: the config has no key 'no_such_key'" in bad.stderr
 
 
+def test_workdirs_in_buckets_stay_urls_and_bad_local_ones_are_refused(tmp_path, monkeypatch):
+    from sequencer_jax import storage
+    bucket = storage.resolve('gs://bucket/run')  # os.path.abspath made it ./gs:/bucket/run
+    assert str(bucket / 'checkpoints') == 'gs://bucket/run/checkpoints'
+    assert storage.is_bucket(bucket) and not storage.is_bucket(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    assert str(storage.resolve('run')) == str(tmp_path / 'run')
+    assert str(storage.resolve('~/run')) == str(tmp_path / 'home' / 'run')
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError, match='Cannot create the workdir .*a_file/run'):
+        loop.train_and_evaluate(tiny_config(str(tmp_path)), str(tmp_path / 'a_file' / 'run'))
+
+
 def test_explicit_multi_process_flags_are_checked_before_connecting():
     from absl import app
     from sequencer_jax import main

@@ -9,20 +9,24 @@ position), the global batch size, and the metrics of that step.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
+
+from sequencer_jax import storage
 
 CHECKPOINT_DIR = 'checkpoints'
 
 
-def make_manager(workdir: str, keep: int, best_metric: str | None) -> ocp.CheckpointManager:
-    """A manager keeping the last ``keep`` checkpoints and the best one by ``best_metric``."""
+def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
+                 ) -> ocp.CheckpointManager:
+    """A manager of ``<workdir>/checkpoints`` (local or ``gs://``) keeping the last ``keep``
+    checkpoints and the best one by ``best_metric``."""
     policies = [policy_lib.LatestN(keep)]
     if best_metric:
         policies.append(policy_lib.BestN(
@@ -31,8 +35,8 @@ def make_manager(workdir: str, keep: int, best_metric: str | None) -> ocp.Checkp
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy_lib.AnyPreservationPolicy(policies), create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=False)
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+    return ocp.CheckpointManager(storage.resolve(workdir) / CHECKPOINT_DIR, options=options,
+                                 item_names=('state', 'meta'))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
@@ -74,11 +78,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
-    directory = os.fspath(manager.directory)
-    target = os.path.join(os.path.dirname(directory), f'{CHECKPOINT_DIR}_unreadable')
+    directory = epath.Path(manager.directory)
+    target = directory.parent / f'{CHECKPOINT_DIR}_unreadable'
     if jax.process_index() == 0:
-        os.makedirs(target, exist_ok=True)
-        os.replace(os.path.join(directory, str(step)),
-                   os.path.join(target, f'{step}_{int(time.time())}'))
+        target.mkdir(parents=True, exist_ok=True)
+        (directory / str(step)).rename(target / f'{step}_{int(time.time())}')
     multihost_utils.sync_global_devices(f'move aside checkpoint {step}')
     manager.reload()

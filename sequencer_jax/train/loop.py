@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+from etils import epath
 from jax.experimental import multihost_utils
 
-from sequencer_jax import config_defaults, convert, xla_options
+from sequencer_jax import config_defaults, convert, storage, xla_options
 from sequencer_jax.data import pipeline
 from sequencer_jax.models import registry
 from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib, steps
@@ -43,12 +44,11 @@ def build_model(config, num_classes: int):
 class MetricWriter:
     """metrics.jsonl and TensorBoard events; writes on process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: epath.Path):
         self._active = jax.process_index() == 0
         if self._active:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+            self._jsonl = (workdir / METRICS_FILE).open('a')
+            self._tb = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self._active:
@@ -135,17 +135,18 @@ def _explain_runtime_error(e: Exception) -> Exception:
     return e
 
 
-def load_checkpoint_params(source: str) -> tuple[Any, Any, Any]:
-    """Params from a converted PyTorch dir or a training workdir's newest checkpoint.
+def load_checkpoint_params(source: str | epath.Path) -> tuple[Any, Any, Any]:
+    """Params from a converted PyTorch dir or a training workdir's newest checkpoint
+    (local or ``gs://``).
 
     Returns (params, ema_params or None, model or None); the model is known only for a
     converted dir (from its model.json).
     """
-    source = os.path.abspath(os.path.expanduser(source))
-    if os.path.exists(os.path.join(source, convert.MODEL_INFO_FILE)):
+    source = storage.resolve(source)
+    if (source / convert.MODEL_INFO_FILE).exists():
         model, variables = convert.load_converted(source)
         return variables['params'], None, model
-    manager = checkpoint.make_manager(source, 1, None) if os.path.isdir(source) else None
+    manager = checkpoint.make_manager(source, 1, None) if source.is_dir() else None
     if manager is None or manager.latest_step() is None:
         raise ValueError(f'{source} is neither a converted checkpoint (python -m '
                          'sequencer_jax.convert) nor a training workdir with checkpoints.')
@@ -191,15 +192,31 @@ def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) ->
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
-    final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``."""
+    final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
+    ``workdir`` is a local directory or a bucket (``gs://``)."""
     config_defaults.check_config(config)
+    workdir = _created_workdir(workdir)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
     with jax.set_mesh(mesh):
-        return _train_and_evaluate(config, os.path.abspath(os.path.expanduser(workdir)), mesh)
+        return _train_and_evaluate(config, workdir, mesh)
 
 
-def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
+def _created_workdir(workdir: str) -> epath.Path:
+    """``workdir`` resolved and created, or a ValueError saying why it cannot be used."""
+    path = storage.resolve(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'Cannot create the workdir {path} ({e}); choose a directory you '
+                         'can write to.') from None
+    if not storage.is_bucket(path) and not os.access(path, os.W_OK):
+        raise ValueError(f'The workdir {path} is not writable; choose a directory you can '
+                         'write to.')
+    return path
+
+
+def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     spec = pipeline.dataset_spec(config.dataset)
     num_classes = config.model.num_classes or spec.num_classes
     model = build_model(config, num_classes)
