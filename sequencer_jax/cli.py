@@ -19,9 +19,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     instead of as ml_collections' bare AttributeError or KeyError from deep inside."""
     try:
         return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        print(f'FATAL Flags parsing error: {unknown_overrides_message(argv) or e}',
-              file=sys.stderr)
+    except (AttributeError, KeyError):
+        message = unknown_overrides_message(argv)
+        if message is None:  # not a mistyped key (e.g. a bug in the config file): as is
+            raise
+        print(f'FATAL Flags parsing error: {message}', file=sys.stderr)
         sys.exit(1)
 
 
