@@ -2,7 +2,10 @@
 and their parser."""
 
 import difflib
+import json
+import os
 import sys
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_dict, config_flags
@@ -68,3 +71,18 @@ def check_args(argv, **required) -> None:
     missing = [f'--{name}' for name, holder in required.items() if holder.value is None]
     if missing:
         raise app.UsageError(f'Missing required flag(s): {", ".join(missing)}.')
+
+
+def create_parent_dir(path: str) -> None:
+    """Creates the directory an output file goes into (results come after minutes of
+    work; a missing directory must not lose them)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def write_output_json(results: Any) -> None:
+    """Writes ``results`` to ``--output_json``, when given, and says so."""
+    if OUTPUT_JSON.value:
+        create_parent_dir(OUTPUT_JSON.value)
+        with open(OUTPUT_JSON.value, 'w') as f:
+            json.dump(results, f, indent=1)
+        print(f'wrote {OUTPUT_JSON.value}')

@@ -14,7 +14,6 @@ Every example of the split counts exactly once (padded, masked batches).
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -111,12 +110,7 @@ def main(argv) -> None:
         return
     print(format_table(rows))
     label = _LABEL.value or os.path.basename(os.path.normpath(cli.CHECKPOINT.value))
-    if cli.OUTPUT_JSON.value:
-        os.makedirs(os.path.dirname(os.path.abspath(cli.OUTPUT_JSON.value)), exist_ok=True)
-        with open(cli.OUTPUT_JSON.value, 'w') as f:
-            json.dump({'checkpoint': cli.CHECKPOINT.value, 'label': label, 'rows': rows}, f,
-                      indent=1)
-        print(f'wrote {cli.OUTPUT_JSON.value}')
+    cli.write_output_json({'checkpoint': cli.CHECKPOINT.value, 'label': label, 'rows': rows})
     if _PLOT.value:
         from sequencer_jax.experiments import resolution
         try:

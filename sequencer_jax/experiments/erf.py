@@ -104,7 +104,7 @@ def main(argv) -> None:
         erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    cli.create_parent_dir(_OUTPUT.value)
     np.save(os.path.splitext(_OUTPUT.value)[0] + '.npy', erf)
     save_png(erf, _OUTPUT.value)
     areas = {f: high_contribution_area(erf, f) for f in (0.2, 0.3, 0.5, 0.99)}

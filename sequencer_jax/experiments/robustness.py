@@ -18,9 +18,6 @@ download, see the TFDS catalogue):
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import ml_collections
 import numpy as np
@@ -154,11 +151,7 @@ def main(argv) -> None:
         return
     for key, value in result['scores'].items():
         print(f'{key:<22}{value:>8.2f}')
-    if cli.OUTPUT_JSON.value:
-        os.makedirs(os.path.dirname(os.path.abspath(cli.OUTPUT_JSON.value)), exist_ok=True)
-        with open(cli.OUTPUT_JSON.value, 'w') as f:
-            json.dump(result, f, indent=1)
-        print(f'wrote {cli.OUTPUT_JSON.value}')
+    cli.write_output_json(result)
 
 
 if __name__ == '__main__':
