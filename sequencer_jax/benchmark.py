@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import platform
@@ -47,7 +46,7 @@ from jax.experimental import topologies
 from jax.extend import core as jax_core
 from jax.sharding import SingleDeviceSharding
 
-from sequencer_jax import arguments, host_memory, xla_options
+from sequencer_jax import arguments, host_memory, storage, xla_options
 from sequencer_jax.models import registry
 from sequencer_jax.train import state as state_lib
 from sequencer_jax.train import steps
@@ -502,10 +501,10 @@ def main(argv=None) -> dict[str, Any]:
                         help='JSON overrides, e.g. \'{"scan_blocks": true, "unroll": 2}\'')
     parser.add_argument('--json', default=None, help='also write the results here')
     args = parser.parse_args(argv)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        # Checked now: the results come after minutes of measuring.
-        parser.exit(2, f'error: --json {args.json}: its directory does not exist; create '
-                       'it or choose another path.\n')
+    try:
+        output_json = storage.output_file(args.json) if args.json else None
+    except ValueError as e:
+        parser.exit(2, f'error: --json {args.json}: {e}\n')
     device = None
     if args.target:
         if args.compare_timm or args.gemm:
@@ -578,10 +577,8 @@ def main(argv=None) -> dict[str, Any]:
                                       benchmark_gemm(shapes, args.dtype, args.reps, 'torch')):
                 row.update(torch_row)
         _print_gemm(results['gemm'])
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
-        print(f'wrote {args.json}')
+    if output_json:
+        storage.write_json(output_json, results)
     return results
 
 

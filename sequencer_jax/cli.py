@@ -2,13 +2,13 @@
 and their parser."""
 
 import difflib
-import json
-import os
 import sys
-from typing import Any
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_dict, config_flags
+
+from sequencer_jax import storage
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
                                          lock_config=True)
@@ -73,16 +73,13 @@ def check_args(argv, **required) -> None:
         raise app.UsageError(f'Missing required flag(s): {", ".join(missing)}.')
 
 
-def create_parent_dir(path: str) -> None:
-    """Creates the directory an output file goes into (results come after minutes of
-    work; a missing directory must not lose them)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
-def write_output_json(results: Any) -> None:
-    """Writes ``results`` to ``--output_json``, when given, and says so."""
-    if OUTPUT_JSON.value:
-        create_parent_dir(OUTPUT_JSON.value)
-        with open(OUTPUT_JSON.value, 'w') as f:
-            json.dump(results, f, indent=1)
-        print(f'wrote {OUTPUT_JSON.value}')
+def output_file(flag: flags.FlagHolder) -> epath.Path | None:
+    """The file a flag names, its directory created now, before the work whose results go
+    there (a directory that cannot be made must stop the run at once, not lose its
+    results at the end); None when the flag is unset or empty."""
+    if not flag.value:
+        return None
+    try:
+        return storage.output_file(flag.value)
+    except ValueError as e:
+        raise app.UsageError(f'--{flag.name}={flag.value}: {e}') from None

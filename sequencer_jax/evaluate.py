@@ -19,7 +19,7 @@ import os
 import jax
 from absl import app, flags
 
-from sequencer_jax import cli, config_defaults, host_memory, xla_options
+from sequencer_jax import cli, config_defaults, host_memory, storage, xla_options
 
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
@@ -95,6 +95,15 @@ def format_table(rows: list[dict]) -> str:
 def main(argv) -> None:
     cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
     config = cli.CONFIG.value
+    output_json = cli.output_file(cli.OUTPUT_JSON)
+    plot = cli.output_file(_PLOT)
+    if _COMPARE.value and not plot:
+        raise app.UsageError('--compare adds curves to --plot; give --plot=FILE.png too.')
+    from sequencer_jax.experiments import resolution  # matplotlib: only for this CLI
+    try:
+        compared = [resolution.load_rows(p) for p in _COMPARE.value]
+    except (ValueError, OSError) as e:
+        raise app.UsageError(f'--compare: {e}') from None
     try:
         resolutions = [config.eval_image_size or config.image_size]
         if _RESOLUTIONS.value:
@@ -110,16 +119,12 @@ def main(argv) -> None:
         return
     print(format_table(rows))
     label = _LABEL.value or os.path.basename(os.path.normpath(cli.CHECKPOINT.value))
-    cli.write_output_json({'checkpoint': cli.CHECKPOINT.value, 'label': label, 'rows': rows})
-    if _PLOT.value:
-        from sequencer_jax.experiments import resolution
-        try:
-            curves = [(label, rows)] + [resolution.load_rows(p) for p in _COMPARE.value]
-        except (ValueError, OSError) as e:
-            raise app.UsageError(f'--compare: {e}') from None
-        resolution.plot_resolution_sweep(curves, _PLOT.value)
-        print(f'wrote {_PLOT.value}')
-
+    if output_json:
+        storage.write_json(output_json, {'checkpoint': cli.CHECKPOINT.value, 'label': label,
+                                         'rows': rows})
+    if plot:
+        resolution.plot_resolution_sweep([(label, rows)] + compared, plot)
+        print(f'wrote {plot}')
 
 if __name__ == '__main__':
     host_memory.rerun_with_huge_pages()

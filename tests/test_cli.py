@@ -18,7 +18,7 @@ TINY_ARGS = json.dumps(dict(layers=[1, 1, 1, 1], embed_dims=[16, 24, 24, 24],
 
 
 def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
-    out = tmp_path / 'bench.json'
+    out = tmp_path / 'new_dir' / 'bench.json'  # created, as by the other CLIs
     results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '2',
                               '--image-size', '28', '--num-classes', '5', '--reps', '2',
                               '--warmup', '1', '--model-args', TINY_ARGS, '--json', str(out),
@@ -65,6 +65,7 @@ def test_model_flops_match_the_paper(name, paper_gmacs):
 
 
 def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('')
     for argv, message in [
             (['--image-size', '30'], 'divisible by the total stride 14'),
             (['--model-args', '{"unrol": 2}'], "Unknown option(s) ['unrol']"),
@@ -74,7 +75,8 @@ def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
             (['--reps', '0'], 'argument --reps: must be at least 1, got 0'),
             (['--warmup', 'two'], "argument --warmup: 'two' is not an integer"),
             (['--peak-tflops', '-5'], 'argument --peak-tflops: must be a positive number'),
-            (['--json', str(tmp_path / 'missing' / 'b.json')], 'directory does not exist')]:
+            (['--json', str(tmp_path / 'a_file' / 'b.json')],
+             f'Cannot create the output directory {tmp_path / "a_file"}')]:
         with pytest.raises(SystemExit) as err:
             benchmark.main(argv)
         assert err.value.code == 2 and message in capsys.readouterr().err, argv

@@ -51,13 +51,29 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     assert [r['resolution'] for r in rows] == [24, 32, 40]
     assert all(r['examples'] == 360 for r in rows)
     second = _run(args + ['--resolutions=32,48', '--crop_pct=1.0', '--label=crop1',
-                          f'--output_json={tmp_path / "b.json"}',
-                          f'--plot={tmp_path / "sweep.png"}',
+                          f'--output_json={tmp_path / "new" / "b.json"}',
+                          f'--plot={tmp_path / "plots" / "sweep.png"}',
                           f'--compare={tmp_path / "a.json"}'])
     assert second.returncode == 0, second.stderr[-3000:]
-    assert (tmp_path / 'sweep.png').read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / 'plots' / 'sweep.png').read_bytes()[:8] == PNG_MAGIC
+    assert [r['resolution'] for r in json.loads((tmp_path / 'new' / 'b.json').read_text())[
+        'rows']] == [32, 48]
     bad = _run(args + ['--resolutions=30'])
     assert bad.returncode != 0 and 'divisible by the total stride 8' in bad.stderr
+    # Output problems stop the run before the evaluation, whose results they would lose.
+    (tmp_path / 'a_file').write_text('')
+    for flags, message in [
+            ([f'--output_json={tmp_path / "a_file" / "c.json"}'],
+             f'--output_json={tmp_path / "a_file" / "c.json"}: Cannot create the output '
+             f'directory {tmp_path / "a_file"}'),
+            ([f'--plot={tmp_path / "a_file" / "c.png"}'], 'Cannot create the output directory'),
+            ([f'--compare={tmp_path / "a.json"}'], '--compare adds curves to --plot'),
+            ([f'--plot={tmp_path / "c.png"}', f'--compare={tmp_path / "missing.json"}'],
+             'missing.json')]:
+        bad = _run(args + flags)
+        assert bad.returncode == 1 and message in bad.stderr, bad.stderr[-3000:]
+        assert 'Traceback' not in bad.stderr and 'top-1' not in bad.stdout
+    assert not (tmp_path / 'c.png').exists()
 
 
 def test_resolution_plot_of_several_checkpoints(tmp_path):
@@ -147,7 +163,8 @@ def test_erf_cli(trained, data_dir, tmp_path):
     assert np.load(tmp_path / 'maps' / 'erf.npy').shape == (32, 32)
     assert 'high-contribution area ratio' in result.stdout
     for flag, message in [('--num_images=0', 'flag --num_images=0: 0 is not a positive integer'),
-                          ('--config.imagesize=32', '(did you mean image_size')]:
+                          ('--config.imagesize=32', '(did you mean image_size'),
+                          (f'--output={tmp_path / "erf.jpg"}', 'give a .png file')]:
         bad = _run(['sequencer_jax.experiments.erf', '--config=configs/default.py',
                     f'--checkpoint={trained}', flag])
         assert bad.returncode == 1 and message in bad.stderr, bad.stderr[-3000:]

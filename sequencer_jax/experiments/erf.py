@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sequencer_jax import cli, xla_options
+from sequencer_jax import cli, storage, xla_options
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 50, 'eval images to average over',
                                    lower_bound=1)
@@ -53,7 +53,8 @@ def high_contribution_area(erf: np.ndarray, fraction: float) -> float:
     return float((np.searchsorted(cumulative, fraction) + 1) / values.size)
 
 
-def save_png(erf: np.ndarray, output: str, title: str = 'Effective receptive field') -> None:
+def save_png(erf: np.ndarray, output: str | os.PathLike,
+             title: str = 'Effective receptive field') -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -64,7 +65,7 @@ def save_png(erf: np.ndarray, output: str, title: str = 'Effective receptive fie
     ax.set_yticks([])
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(output)
+    storage.write_figure(fig, output)
     plt.close(fig)
 
 
@@ -100,18 +101,21 @@ def main(argv) -> None:
     cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
     config = cli.CONFIG.value
     size = _IMAGE_SIZE.value or config.image_size
+    output = cli.output_file(_OUTPUT)
+    if output is None or output.suffix.lower() != '.png':
+        raise app.UsageError(f'--output={_OUTPUT.value}: give a .png file (the raw map goes '
+                             'next to it as .npy).')
     try:
         erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    cli.create_parent_dir(_OUTPUT.value)
-    np.save(os.path.splitext(_OUTPUT.value)[0] + '.npy', erf)
-    save_png(erf, _OUTPUT.value)
+    with output.with_suffix('.npy').open('wb') as f:
+        np.save(f, erf)
+    save_png(erf, output)
     areas = {f: high_contribution_area(erf, f) for f in (0.2, 0.3, 0.5, 0.99)}
     print('high-contribution area ratio: ' +
           ', '.join(f'{int(100 * f)}%: {a:.4f}' for f, a in areas.items()))
-    print(f'wrote {_OUTPUT.value}')
-
+    print(f'wrote {output} and {output.with_suffix(".npy")}')
 
 if __name__ == '__main__':
     app.run(main, flags_parser=cli.parse_flags)

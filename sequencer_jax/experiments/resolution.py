@@ -6,6 +6,7 @@ The rows come from ``python -m sequencer_jax.evaluate --resolutions ... --output
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 import matplotlib
@@ -13,19 +14,21 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sequencer_jax import storage  # noqa: E402
 
-def load_rows(path: str) -> tuple[str, list[dict]]:
-    """(label, rows) of an evaluate JSON file."""
-    with open(path) as f:
-        data = json.load(f)
+
+def load_rows(path: str | os.PathLike) -> tuple[str, list[dict]]:
+    """(label, rows) of an evaluate JSON file (local or in a bucket)."""
+    data = json.loads(storage.resolve(path).read_text())
     if 'rows' not in data:
         raise ValueError(f'{path} is not an evaluate --output_json file (no "rows").')
     return data.get('label') or data.get('checkpoint', path), data['rows']
 
 
-def plot_resolution_sweep(curves: Sequence[tuple[str, list[dict]]], output: str,
+def plot_resolution_sweep(curves: Sequence[tuple[str, list[dict]]],
+                          output: str | os.PathLike,
                           title: str = 'Top-1 accuracy vs. input resolution') -> None:
-    """Writes a PNG with one line per (label, rows) curve."""
+    """Writes a PNG (local or in a bucket) with one line per (label, rows) curve."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, rows in curves:
         rows = sorted(rows, key=lambda r: r['resolution'])
@@ -37,5 +40,5 @@ def plot_resolution_sweep(curves: Sequence[tuple[str, list[dict]]], output: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small')
     fig.tight_layout()
-    fig.savefig(output)
+    storage.write_figure(fig, output)
     plt.close(fig)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from sequencer_jax import cli
+from sequencer_jax import cli, storage
 
 # Mean top-1 error of AlexNet over the 5 severities (Hendrycks & Dietterich, 2019), the
 # normalisation used by the official validate_c.py.
@@ -143,6 +143,7 @@ def run_suite(config, checkpoint_dir: str, suite: str) -> dict:
 
 def main(argv) -> None:
     cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT, suite=_SUITE)
+    output_json = cli.output_file(cli.OUTPUT_JSON)
     try:
         result = run_suite(cli.CONFIG.value, cli.CHECKPOINT.value, _SUITE.value)
     except ValueError as e:
@@ -151,7 +152,8 @@ def main(argv) -> None:
         return
     for key, value in result['scores'].items():
         print(f'{key:<22}{value:>8.2f}')
-    cli.write_output_json(result)
+    if output_json:
+        storage.write_json(output_json, result)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -195,25 +194,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
     ``workdir`` is a local directory or a bucket (``gs://``)."""
     config_defaults.check_config(config)
-    workdir = _created_workdir(workdir)
+    workdir = storage.created_dir(workdir, 'the workdir')
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
     with jax.set_mesh(mesh):
         return _train_and_evaluate(config, workdir, mesh)
-
-
-def _created_workdir(workdir: str) -> epath.Path:
-    """``workdir`` resolved and created, or a ValueError saying why it cannot be used."""
-    path = storage.resolve(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f'Cannot create the workdir {path} ({e}); choose a directory you '
-                         'can write to.') from None
-    if not storage.is_bucket(path) and not os.access(path, os.W_OK):
-        raise ValueError(f'The workdir {path} is not writable; choose a directory you can '
-                         'write to.')
-    return path
 
 
 def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
