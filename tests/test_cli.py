@@ -155,3 +155,13 @@ def test_benchmark_compile_only_shows_remat_saving_memory(capsys):
     with pytest.raises(SystemExit) as err:
         benchmark.main(['--compile-only', '--compare-timm'])
     assert err.value.code == 2
+
+
+def test_convert_cli_runs_without_runpy_warning():
+    """``import sequencer_jax`` must not import ``convert`` itself: ``python -m`` would then
+    warn (and run the CLI in a second copy of the module)."""
+    result = subprocess.run([sys.executable, '-W', 'error::RuntimeWarning', '-m',
+                             'sequencer_jax.convert', '--help'], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, SEQUENCER_JAX_HUGETLB='0'))
+    assert result.returncode == 0 and '--input' in result.stdout, result.stderr[-3000:]
+    assert sj.convert.from_torch_state_dict is not None  # still an attribute of the package
