@@ -2,6 +2,7 @@
 augmentation and on-device mixing."""
 
 import hashlib
+import re
 
 import jax
 import ml_collections
@@ -85,6 +86,23 @@ def test_missing_imagenet_tars_say_what_to_put_where(tmp_path):
     msg = str(err.value)
     assert 'ILSVRC2012_img_train.tar' in msg and 'ILSVRC2012_img_val.tar' in msg
     assert str(tmp_path / 'downloads' / 'manual') in msg
+
+
+def test_failed_download_says_how_to_prepare_the_dataset_elsewhere(tmp_path, monkeypatch):
+    import requests
+    import tensorflow_datasets as tfds
+
+    def offline(self, *args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
+    config = make_config('sklearn_digits', tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            'Could not prepare TFDS dataset sklearn_digits in ' + str(tmp_path)) + '.*'
+            + re.escape("ConnectionError: Failed to resolve 'www.cs.toronto.edu'. TFDS "
+                        'downloads it on first use; without internet access, prepare it where '
+                        'there is (tfds build sklearn_digits --data_dir=DIR)')):
+        pipeline.dataset_spec(config.dataset)
 
 
 def test_corrupt_images_fail_clearly_or_are_skipped(tmp_path):

@@ -85,8 +85,15 @@ def load_builder(config, prepare: bool = True):
         _check_manual_files(config)
         print(f'Preparing TFDS dataset {builder.name} in {builder.data_dir} (first use only; '
               'ImageNet takes hours)...', flush=True)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+        except OSError as e:  # requests' connection errors are OSErrors too
+            raise ValueError(
+                f'Could not prepare TFDS dataset {builder.name} in {builder.data_dir}: '
+                f'{type(e).__name__}: {e}. TFDS downloads it on first use; without internet '
+                f'access, prepare it where there is (tfds build {config.name} '
+                '--data_dir=DIR), copy DIR here and set config.dataset.data_dir=DIR.') from None
         print(f'Prepared {builder.name}.', flush=True)
     return builder
 
