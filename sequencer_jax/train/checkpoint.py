@@ -39,6 +39,23 @@ def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
                                  item_names=('state', 'meta'))
 
 
+def open_read_only(workdir: str | epath.Path) -> ocp.CheckpointManager | None:
+    """A read-only manager of ``<workdir>/checkpoints``, or None when it holds no
+    checkpoint. Nothing is created or cleaned up there: the workdir may be another run's,
+    still training (a writing manager would delete its unfinished checkpoint)."""
+    directory = storage.resolve(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True,
+                                           cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+    if manager.latest_step() is None:
+        manager.close()
+        return None
+    return manager
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          metrics: dict[str, float] | None = None) -> None:
     """Saves (all processes take part) and waits until it is on disk."""

@@ -141,17 +141,28 @@ def load_checkpoint_params(source: str | epath.Path) -> tuple[Any, Any, Any]:
     Returns (params, ema_params or None, model or None); the model is known only for a
     converted dir (from its model.json).
     """
-    source = storage.resolve(source)
+    source = checked_checkpoint_source(source)
     if (source / convert.MODEL_INFO_FILE).exists():
         model, variables = convert.load_converted(source)
         return variables['params'], None, model
-    manager = checkpoint.make_manager(source, 1, None) if source.is_dir() else None
-    if manager is None or manager.latest_step() is None:
+    with checkpoint.open_read_only(source) as manager:
+        restored = manager.restore(manager.latest_step(), args=checkpoint.ocp.args.Composite(
+            state=checkpoint.ocp.args.StandardRestore()))['state']
+    return restored['params'], restored.get('ema_params'), None
+
+
+def checked_checkpoint_source(source: str | epath.Path) -> epath.Path:
+    """``source`` resolved; a ValueError unless it is a converted dir or a training
+    workdir with checkpoints."""
+    source = storage.resolve(source)
+    if (source / convert.MODEL_INFO_FILE).exists():
+        return source
+    manager = checkpoint.open_read_only(source)
+    if manager is None:
         raise ValueError(f'{source} is neither a converted checkpoint (python -m '
                          'sequencer_jax.convert) nor a training workdir with checkpoints.')
-    restored = manager.restore(manager.latest_step(), args=checkpoint.ocp.args.Composite(
-        state=checkpoint.ocp.args.StandardRestore()))['state']
-    return restored['params'], restored.get('ema_params'), None
+    manager.close()
+    return source
 
 
 def match_layout(params: Any, model) -> Any:
@@ -194,6 +205,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
     ``workdir`` is a local directory or a bucket (``gs://``)."""
     config_defaults.check_config(config)
+    if config.init_from:  # now, not after the dataset is prepared (hours for ImageNet)
+        checked_checkpoint_source(config.init_from)
     workdir = storage.created_dir(workdir, 'the workdir')
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
