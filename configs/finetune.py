@@ -1,8 +1,9 @@
 """Fine-tuning Sequencer from a converted PyTorch or trained checkpoint.
 
 Set the starting weights with ``--config.init_from=DIR`` (a directory written by
-``python -m sequencer_jax.convert``, or a training workdir). The classifier head is
-re-initialised for the new classes.
+``python -m sequencer_jax.convert``, or a training workdir); training refuses to start
+without it. The transfer tasks re-initialise the classifier head for their classes;
+``imagenet392`` keeps the trained 1,000-class head.
 
 Variant string: ``task=`` one of
   ``cifar10``, ``cifar100``, ``oxford_flowers102``, ``cars196`` (the official transfer
@@ -30,6 +31,7 @@ def _transfer(config, task):
     name, train_split, eval_split = TRANSFER[task]
     config.dataset = config_defaults.dataset_config(name, train_split=train_split,
                                                     eval_split=eval_split)
+    config.reinit_head = True  # new classes
     config.augment = config_defaults.augment_config(erase_prob=0.0)
     config.image_size = 224
     config.batch_size = 512
@@ -43,6 +45,7 @@ def _transfer(config, task):
 
 def _imagenet392(config):
     config.dataset = config_defaults.dataset_config('imagenet2012')
+    config.reinit_head = False  # the same 1,000 classes: the trained head carries over
     config.augment = config_defaults.augment_config()
     config.image_size = 392
     config.crop_pct = 1.0
@@ -69,7 +72,7 @@ def get_config(arg=None):
     config = config_defaults.base_config()
     config.task = 'cifar10'
     config.model.args.scan_blocks = True
-    config.reinit_head = True
+    config.requires_init_from = True
     config.log_every_steps = 50
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 1000

@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.best_metric = 'eval/top1'
     config.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tuning
-    config.reinit_head = True
+    config.requires_init_from = False  # True: training refuses to start without init_from
+    config.reinit_head = False  # True: a fresh head even where init_from's head fits
     config.progress = 'auto'  # 'bar' on a terminal, else 'lines'; or force one
     return config
 
@@ -124,9 +125,10 @@ _RANGES = (
 )
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming every number of a training config that is out of range
-    (e.g. ``--config.batch_size=0``), before anything is built or read."""
+def check_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
+    """Raises ValueError naming every number of a config that is out of range (e.g.
+    ``--config.batch_size=0``) and, for ``training``, a missing ``init_from`` that the
+    config requires; before anything is built or read."""
     problems = []
     for key, valid, requirement in _RANGES:
         value = config
@@ -134,6 +136,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             value = value.get(part) if value is not None else None
         if value is not None and not valid(value):
             problems.append(f'config.{key}={value!r} must be {requirement}')
+    if training and config.get('requires_init_from') and not config.get('init_from'):
+        problems.append('config.init_from is not set, and this config fine-tunes trained '
+                        'weights: give --config.init_from=DIR (a directory written by '
+                        'python -m sequencer_jax.convert, or a training workdir)')
     if problems:
         raise ValueError('Bad config: ' + '; '.join(problems) + '.')
 

@@ -41,7 +41,7 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     from sequencer_jax.data import pipeline
     from sequencer_jax.train import loop, mesh as mesh_lib, steps
 
-    config_defaults.check_config(config)
+    config_defaults.check_config(config, training=False)
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ValueError(f'--crop_pct={crop_pct} must be in (0, 1], e.g. 0.875.')
     bad = [r for r in resolutions if r < 1]

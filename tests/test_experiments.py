@@ -3,6 +3,7 @@ fine-tuning from a checkpoint, and the linear-probe feature-extraction example."
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -187,9 +188,40 @@ def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_p
     for name in source:
         if name != 'head':
             jax.tree.map(np.testing.assert_array_equal, source[name], tuned[name])
-    config = tiny_config(data_dir, steps=1, init_from=str(tmp_path / 'nothing'))
-    with pytest.raises(ValueError, match='neither a converted checkpoint'):
-        loop.train_and_evaluate(config, str(tmp_path / 'other'))
+    (tmp_path / 'empty').mkdir()
+    for source in ('nothing', 'empty'):
+        config = tiny_config(data_dir, steps=1, init_from=str(tmp_path / source))
+        with pytest.raises(ValueError, match='neither a converted checkpoint'):
+            loop.train_and_evaluate(config, str(tmp_path / 'other'))
+    assert not (tmp_path / 'other').exists()  # refused before any work
+    assert not any((tmp_path / 'empty').iterdir())  # sources are only read
+
+
+def test_loading_from_a_workdir_leaves_its_unfinished_checkpoint_alone(trained, tmp_path):
+    """init_from or evaluate may read the workdir of a run that is still training: its
+    checkpoint in progress (orbax's temporary directory) must survive."""
+    workdir = tmp_path / 'running'
+    shutil.copytree(trained, workdir)
+    in_progress = workdir / 'checkpoints' / '99.orbax-checkpoint-tmp-1764480000000000'
+    in_progress.mkdir()
+    params, _, _ = loop.load_checkpoint_params(str(workdir))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
+                 final_params(trained))
+    assert in_progress.is_dir()
+
+
+def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
+    source = final_params(trained)
+    assert np.any(source['head']['kernel'] != 0)  # trained: unlike a fresh (zero) head
+    for reinit_head in (False, True):
+        config = tiny_config(data_dir, init_from=trained, reinit_head=reinit_head)
+        model = loop.build_model(config, 10)  # the digits' 10 classes: the head fits
+        size = config.image_size
+        fresh = model.init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))['params']
+        loaded = jax.tree.map(np.asarray, loop.initial_params(config, model, fresh))
+        expected_head = fresh['head'] if reinit_head else source['head']
+        jax.tree.map(np.testing.assert_array_equal, loaded['head'], expected_head)
+        jax.tree.map(np.testing.assert_array_equal, loaded['stem'], source['stem'])
 
 
 def test_finetune_configs_follow_the_official_recipes():
@@ -203,6 +235,9 @@ def test_finetune_configs_follow_the_official_recipes():
     high = load_config('finetune.py', 'task=imagenet392')
     assert (high.num_epochs, high.optimizer.weight_decay, high.model.args.drop_path_rate) == \
         (30, 1e-8, 0.4)
+    # The 392 px fine-tune keeps ImageNet's trained head; transfer tasks get fresh ones.
+    assert (high.reinit_head, cifar.reinit_head, cars.reinit_head) == (False, True, True)
+    assert load_config('finetune.py', 'task=imagenet392,task=cifar10').reinit_head
 
 
 def test_linear_probe_example_on_converted_weights(timm_fixture, data_dir, tmp_path):

@@ -237,7 +237,15 @@ def test_config_variants_and_errors():
 def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_path):
     for filename, arg in [('default.py', None), ('imagenet.py', 'model=sequencer2d_l'),
                           ('finetune.py', 'task=oxford_flowers102')]:
-        config_defaults.check_config(load_config(filename, arg))
+        config_defaults.check_config(load_config(filename, arg), training=False)
+    finetune = load_config('finetune.py', 'task=cifar10')
+    with pytest.raises(ValueError, match=re.escape(
+            'Bad config: config.init_from is not set, and this config fine-tunes trained '
+            'weights: give --config.init_from=DIR')):
+        config_defaults.check_config(finetune)
+    finetune.init_from = str(tmp_path)
+    config_defaults.check_config(finetune)
+    config_defaults.check_config(load_config('imagenet.py'))  # trains from scratch
     config = tiny_config(str(tmp_path), batch_size=0, num_train_steps=-1,
                          **{'optimizer.b2': 1.0, 'optimizer.grad_clip_norm': 0.0})
     message = ('Bad config: config.batch_size=0 must be at least 1; config.num_train_steps=-1 '
