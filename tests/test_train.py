@@ -123,7 +123,7 @@ def test_fsdp_rules_shard_large_parameters():
         mesh_lib.tree_shardings(params, mesh, [('.*', 'tensor')])
 
 
-class StopAfter(loop.PreemptionFlag):
+class StopAfter(loop.StopFlag):
     """Behaves as if SIGTERM arrived after ``n`` steps."""
 
     n = 3
@@ -134,7 +134,9 @@ class StopAfter(loop.PreemptionFlag):
 
     def any_process(self):
         self.calls += 1
-        return self.calls >= self.n
+        if self.calls >= self.n:
+            self.received = 'SIGTERM'
+        return self.received is not None
 
 
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
@@ -142,7 +144,7 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     metrics = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
     assert {'eval/top1', 'eval/top5', 'eval_ema/top1', 'eval_ema/top5'} <= set(metrics)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, 'PreemptionFlag', StopAfter)
+        patch.setattr(loop, 'StopFlag', StopAfter)
         loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
     assert sorted(losses(tmp_path / 'resumed')) == [1, 2, 3]
     loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
@@ -151,12 +153,23 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
                  final_params(tmp_path / 'resumed'))
 
 
-def test_sigterm_sets_the_preemption_flag():
-    flag = loop.PreemptionFlag()
+def test_sigterm_or_a_first_ctrl_c_sets_the_stop_flag(capsys):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        before = signal.getsignal(signum)
+        flag = loop.StopFlag()
+        try:
+            assert not flag.any_process()
+            os.kill(os.getpid(), signum)
+            assert flag.any_process() and flag.received == signal.Signals(signum).name
+        finally:
+            flag.restore()
+        assert signal.getsignal(signum) is before
+    assert 'Ctrl-C: saving a checkpoint after this step' in capsys.readouterr().err
+    flag = loop.StopFlag()
     try:
-        assert not flag.any_process()
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.any_process()
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
     finally:
         flag.restore()
 

@@ -1,4 +1,4 @@
-"""The training loop: steps, periodic evaluation, logging, checkpoints, preemption.
+"""The training loop: steps, periodic evaluation, logging, checkpoints, preemption and Ctrl-C.
 
 One flat function, ``train_and_evaluate(config, workdir)``. Rerunning it with the same
 workdir resumes from the newest readable checkpoint; the data stream and the per-step
@@ -99,29 +99,42 @@ class Progress:
             self._bar.close()
 
 
-class PreemptionFlag:
-    """Set by SIGTERM; agreed across processes so that all of them save and stop."""
+class StopFlag:
+    """Set by SIGTERM (preemption) or a first Ctrl-C (SIGINT); agreed across processes so
+    that all of them save a checkpoint after the current step and stop. A second Ctrl-C
+    interrupts at once, as without it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self._set = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            pass
+        self.received = None  # the first signal's name
+        self._previous = {}
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self._set = True
+        del frame
+        if signum == signal.SIGINT:
+            if self.received is not None:
+                raise KeyboardInterrupt
+            print('\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C '
+                  'again to stop at once, losing the steps since the last checkpoint).',
+                  file=sys.stderr, flush=True)
+        self.received = self.received or signal.Signals(signum).name
 
     def any_process(self) -> bool:
         if jax.process_count() == 1:
-            return self._set
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._set))))
+            return self.received is not None
+        mine = np.asarray(self.received is not None)
+        return bool(np.any(multihost_utils.process_allgather(mine)))
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not installed from Python
+                signal.signal(signum, previous)
 
 
 def _explain_runtime_error(e: Exception) -> Exception:
@@ -283,7 +296,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
         batch_sharding, f'{spec.builder.name} train')
     writer = MetricWriter(workdir)
     progress = Progress(config.progress, start_step, total_steps)
-    preemption = PreemptionFlag()
+    stop = StopFlag()
     if jax.process_index() == 0:
         print(f'Training {config.model.name} ({num_classes} classes) on {spec.builder.name} '
               f'for {total_steps} steps of {config.batch_size} images, mesh '
@@ -310,7 +323,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
             log_now = step % config.log_every_steps == 0 or is_last
             ckpt_now = step % config.checkpoint_every_steps == 0 or is_last
             eval_now = step % config.eval_every_steps == 0 or is_last
-            stop_now = preemption.any_process()
+            stop_now = stop.any_process()
             logged = None
             if log_now or ckpt_now or eval_now or stop_now:
                 n = step - last_log_step
@@ -337,14 +350,14 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                     if logged and config.best_metric in logged else None
                 save(step, best)
                 if stop_now and not is_last:
-                    print(f'Preempted (SIGTERM): saved step {step}; rerun the same command '
-                          'to resume.', flush=True)
+                    print(f'Stopped ({stop.received or "another process"}): saved step '
+                          f'{step}; rerun the same command to resume.', flush=True)
                     return final_metrics
             last_log_time = time.perf_counter() if eval_now or ckpt_now else last_log_time
     finally:
         progress.close()
         writer.close()
-        preemption.restore()
+        stop.restore()
     if not final_metrics and start_step >= total_steps:
         final_metrics = {'step': total_steps, **run_eval(state)}
     if jax.process_index() == 0 and final_metrics:
