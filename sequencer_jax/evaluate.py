@@ -126,6 +126,7 @@ def main(argv) -> None:
         resolution.plot_resolution_sweep([(label, rows)] + compared, plot)
         print(f'wrote {plot}')
 
+
 if __name__ == '__main__':
     host_memory.rerun_with_huge_pages()
     app.run(main, flags_parser=cli.parse_flags)

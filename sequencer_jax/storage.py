@@ -2,10 +2,9 @@
 
 Training workdirs, ``init_from`` sources, converted checkpoints and the CLIs' result files
 (JSON, plots) go through ``resolve``, and every file operation on them through the
-``epath.Path`` it returns
-(``tf.io.gfile`` underneath for buckets, as for orbax and TFDS). Plain ``os.path``
-would turn ``gs://bucket/run`` into a local directory ``./gs:/bucket/run`` on every host:
-checkpoints that a preempted pod loses with its disks.
+``epath.Path`` it returns (``tf.io.gfile`` underneath for buckets, as for orbax and
+TFDS). Plain ``os.path`` would turn ``gs://bucket/run`` into a local directory
+``./gs:/bucket/run`` on every host: checkpoints that a preempted pod loses with its disks.
 """
 
 from __future__ import annotations

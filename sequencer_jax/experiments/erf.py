@@ -117,5 +117,6 @@ def main(argv) -> None:
           ', '.join(f'{int(100 * f)}%: {a:.4f}' for f, a in areas.items()))
     print(f'wrote {output} and {output.with_suffix(".npy")}')
 
+
 if __name__ == '__main__':
     app.run(main, flags_parser=cli.parse_flags)
