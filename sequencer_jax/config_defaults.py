@@ -81,10 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
     ))
     config.ema_decay = ml_collections.FieldReference(None, field_type=float)  # e.g. 0.99996
-    config.mesh = [('data', -1), ('fsdp', 1)]
+    # Tuples, not lists: ml_collections overrides tuples from the command line,
+    # --config.mesh="(('data', 4), ('fsdp', 2))".
+    config.mesh = (('data', -1), ('fsdp', 1))
     # (regex over the parameter path, rule): 'fsdp' shards the largest dimension that
     # divides by the fsdp axis; 'replicate' keeps a full copy on every device.
-    config.param_rules = [('.*', 'fsdp')]
+    config.param_rules = (('.*', 'fsdp'),)
     config.log_every_steps = 50
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 1000
@@ -162,8 +164,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
 
 
 MESHES = {
-    'data': [('data', -1), ('fsdp', 1)],
-    'fsdp': [('data', 1), ('fsdp', -1)],
+    'data': (('data', -1), ('fsdp', 1)),
+    'fsdp': (('data', 1), ('fsdp', -1)),
 }
 
 
@@ -176,7 +178,7 @@ def set_mesh(config: ml_collections.ConfigDict, value: str) -> None:
         data, fsdp = (int(v) for v in value.split('x'))
     except ValueError:
         raise ValueError(f'Unknown mesh {value!r}: use data, fsdp or DxF (e.g. 4x2).') from None
-    config.mesh = [('data', data), ('fsdp', fsdp)]
+    config.mesh = (('data', data), ('fsdp', fsdp))
 
 
 def set_model(config: ml_collections.ConfigDict, name: str) -> None:

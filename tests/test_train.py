@@ -121,6 +121,32 @@ def test_fsdp_rules_shard_large_parameters():
         mesh_lib.make_mesh([('data', -1), ('fsdp', -1)])
     with pytest.raises(ValueError, match='Unknown param rule'):
         mesh_lib.tree_shardings(params, mesh, [('.*', 'tensor')])
+    # What a forgotten comma or parenthesis on the command line gives:
+    with pytest.raises(ValueError, match=re.escape("config.mesh must be (name, size) pairs, "
+                                                   "e.g. (('data', -1), ('fsdp', 1)), got "
+                                                   "('data', 8)")):
+        mesh_lib.make_mesh(('data', 8))
+    with pytest.raises(ValueError, match='note the comma after a single pair'):
+        mesh_lib.tree_shardings(params, mesh, ('.*', 'fsdp'))
+    with pytest.raises(ValueError, match=r"'\(' is not a regular expression"):
+        mesh_lib.tree_shardings(params, mesh, [('(', 'fsdp')])
+
+
+def test_mesh_and_param_rules_override_from_the_command_line():
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ['main', f'--config={ROOT / "configs" / "imagenet.py"}',
+            "--config.mesh=(('data', 2), ('fsdp', 4))",
+            "--config.param_rules=(('head', 'replicate'), ('.*', 'fsdp'))"]
+    flag_values = flags.FlagValues()
+    # sys_argv: ml_collections defines the override flags from the command line it is given.
+    config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    assert config.mesh == (('data', 2), ('fsdp', 4))
+    assert mesh_lib.make_mesh(config.mesh).shape == {'data': 2, 'fsdp': 4}
+    mesh_lib.check_rules(config.param_rules)
 
 
 class StopAfter(loop.StopFlag):
@@ -223,7 +249,7 @@ def test_config_variants_and_errors():
     config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'
                                          'remat=true,recurrence=pallas')
     assert (config.model.name, config.model.args.drop_path_rate) == ('sequencer2d_l', 0.4)
-    assert config.mesh == [('data', 4), ('fsdp', 2)] and config.compute_dtype == 'bfloat16'
+    assert config.mesh == (('data', 4), ('fsdp', 2)) and config.compute_dtype == 'bfloat16'
     assert (config.model.args.remat, config.model.args.recurrence) == (True, 'pallas')
     assert 'remat' not in load_config('imagenet.py').model.args
     assert load_config('finetune.py', 'remat=false').model.args.remat is False

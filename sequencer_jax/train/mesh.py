@@ -26,6 +26,9 @@ MIN_SHARDED_SIZE = 2**12  # smaller leaves are cheaper replicated than gathered
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all) with the named axis sizes; one -1 allowed."""
     devices = list(jax.devices() if devices is None else devices)
+    if not all(_is_pair(a, str, int) for a in axes):
+        raise ValueError("config.mesh must be (name, size) pairs, e.g. (('data', -1), "
+                         f"('fsdp', 1)), got {axes!r}.")
     names = tuple(name for name, _ in axes)
     if set(names) != set(BATCH_AXES) or len(names) != len(BATCH_AXES):
         raise ValueError(f'config.mesh must name the axes {BATCH_AXES} once each, got {names}.')
@@ -69,10 +72,22 @@ def _spec(rule: str, shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
 
 
 def check_rules(rules: Sequence[tuple[str, str]]) -> None:
+    if not all(_is_pair(r, str, str) for r in rules):
+        raise ValueError("config.param_rules must be (regex, rule) pairs, e.g. (('.*', "
+                         f"'fsdp'),) (note the comma after a single pair), got {rules!r}.")
     for pattern, rule in rules:
         if rule not in RULES:
             raise ValueError(f'Unknown param rule {rule!r} for {pattern!r}; expected {RULES}.')
-        re.compile(pattern)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f'config.param_rules: {pattern!r} is not a regular expression '
+                             f'({e}).') from None
+
+
+def _is_pair(item: Any, first: type, second: type) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and \
+        isinstance(item[0], first) and isinstance(item[1], second)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]]) -> Any:
