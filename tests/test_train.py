@@ -293,6 +293,11 @@ def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_p
     workdir = tmp_path / 'work'
     with pytest.raises(ValueError, match=re.escape(message)):
         loop.train_and_evaluate(config, str(workdir))
+    for overrides, error in [({'model.name': 'sequencer2d_xl'}, "Unknown model 'sequencer2d_xl'"),
+                             ({'compute_dtype': 'float16'}, 'config.compute_dtype must be one'),
+                             ({'model.args': {'layers': (1, 2)}}, 'layers, patch_sizes')]:
+        with pytest.raises(ValueError, match=error):
+            loop.train_and_evaluate(tiny_config(str(tmp_path), **overrides), str(workdir))
     assert not workdir.exists()
     from sequencer_jax import evaluate
     for kwargs, error in [({'config': config}, 'Bad config: config.batch_size=0'),

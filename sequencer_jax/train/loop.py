@@ -218,7 +218,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
     ``workdir`` is a local directory or a bucket (``gs://``)."""
     config_defaults.check_config(config)
-    if config.init_from:  # now, not after the dataset is prepared (hours for ImageNet)
+    # The model's options and init_from now, not after the dataset is prepared (hours
+    # for ImageNet); the real model is built once the dataset gives the class count.
+    build_model(config, config.model.num_classes or 1)
+    if config.init_from:
         checked_checkpoint_source(config.init_from)
     workdir = storage.created_dir(workdir, 'the workdir')
     mesh = mesh_lib.make_mesh(config.mesh, devices)
