@@ -11,7 +11,7 @@ def get_config(arg=None):
     config = config_defaults.base_config()
     config.model.name = 'sequencer2d_s'
     # Sequencer2D-S's structure, narrowed and shortened for 32 px digits on a CPU.
-    config.model.args = dict(layers=(1, 1, 2, 1), patch_sizes=(4, 2, 1, 1),
+    config.model.args.update(layers=(1, 1, 2, 1), patch_sizes=(4, 2, 1, 1),
                              embed_dims=(32, 64, 64, 64), hidden_sizes=(8, 16, 16, 16),
                              drop_path_rate=0.0)
     config.dataset = config_defaults.dataset_config('sklearn_digits', shuffle_buffer=2048)

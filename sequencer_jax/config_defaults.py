@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from sequencer_jax.models.sequencer import RECURRENCES
+from sequencer_jax.models.sequencer import RECURRENCES, Sequencer
+
+# Fields of Sequencer that are not options of a config's model: the class count comes
+# from model.num_classes or the dataset, the dtypes from compute_dtype.
+_NOT_MODEL_ARGS = {'num_classes', 'dtype', 'param_dtype', 'parent', 'name'}
+
+
+def model_args_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.model.args``: every option of ``create_model`` (a field of ``Sequencer``),
+    None meaning the registered variant's value. All are present, so that any of them can
+    be set on the command line (``--config.model.args.remat=true``) while a misspelt one
+    is still an error."""
+    args = ml_collections.ConfigDict()
+    for field in dataclasses.fields(Sequencer):
+        if field.name not in _NOT_MODEL_ARGS:
+            # Sequences (and pos_embed_grid, None by default) are tuples on the command line.
+            kind = tuple if field.default is None or isinstance(field.default, (tuple, list)) \
+                else type(field.default)
+            args[field.name] = ml_collections.FieldReference(None, field_type=kind)
+    args.update(overrides)
+    return args
 
 
 def dataset_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -54,8 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.model = ml_collections.ConfigDict(dict(
         name='sequencer2d_s',
-        # Overrides of create_model (drop_path_rate, scan_blocks, remat, layers, ...).
-        args=ml_collections.ConfigDict(dict(drop_path_rate=0.1)),
+        args=model_args_config(drop_path_rate=0.1),  # options of create_model
         num_classes=ml_collections.FieldReference(None, field_type=int),  # None: dataset's
     ))
     config.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params stay float32

@@ -132,12 +132,14 @@ def test_fsdp_rules_shard_large_parameters():
         mesh_lib.tree_shardings(params, mesh, [('(', 'fsdp')])
 
 
-def test_mesh_and_param_rules_override_from_the_command_line():
+def test_mesh_param_rules_and_every_model_option_override_from_the_command_line():
     from absl import flags
     from ml_collections import config_flags
     argv = ['main', f'--config={ROOT / "configs" / "imagenet.py"}',
             "--config.mesh=(('data', 2), ('fsdp', 4))",
-            "--config.param_rules=(('head', 'replicate'), ('.*', 'fsdp'))"]
+            "--config.param_rules=(('head', 'replicate'), ('.*', 'fsdp'))",
+            '--config.model.args.remat=true', '--config.model.args.layers=(1, 1, 2, 1)',
+            '--config.model.args.drop_rate=0.5']
     flag_values = flags.FlagValues()
     # sys_argv: ml_collections defines the override flags from the command line it is given.
     config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True,
@@ -147,6 +149,12 @@ def test_mesh_and_param_rules_override_from_the_command_line():
     assert config.mesh == (('data', 2), ('fsdp', 4))
     assert mesh_lib.make_mesh(config.mesh).shape == {'data': 2, 'fsdp': 4}
     mesh_lib.check_rules(config.param_rules)
+    model = loop.build_model(config, 1000)
+    assert (model.remat, model.layers, model.drop_rate) == (True, (1, 1, 2, 1), 0.5)
+    assert (model.scan_blocks, model.drop_path_rate) == (True, 0.1)  # the config's
+    assert model.embed_dims == (192, 384, 384, 384)  # unset: sequencer2d_s's own
+    with pytest.raises(AttributeError):  # a misspelt option is still an error
+        config.model.args.remta = True
 
 
 class StopAfter(loop.StopFlag):
@@ -251,7 +259,7 @@ def test_config_variants_and_errors():
     assert (config.model.name, config.model.args.drop_path_rate) == ('sequencer2d_l', 0.4)
     assert config.mesh == (('data', 4), ('fsdp', 2)) and config.compute_dtype == 'bfloat16'
     assert (config.model.args.remat, config.model.args.recurrence) == (True, 'pallas')
-    assert 'remat' not in load_config('imagenet.py').model.args
+    assert load_config('imagenet.py').model.args.remat is None  # the variant's (False)
     assert load_config('finetune.py', 'remat=false').model.args.remat is False
     finetune = load_config('finetune.py', 'task=imagenet392')
     assert (finetune.image_size, finetune.crop_pct, finetune.optimizer.base_lr) == (392, 1.0, 5e-5)

@@ -36,8 +36,9 @@ def build_model(config, num_classes: int):
     if config.compute_dtype not in DTYPES:
         raise ValueError(f'config.compute_dtype must be one of {sorted(DTYPES)}, '
                          f'got {config.compute_dtype!r}.')
+    options = {k: v for k, v in config.model.args.to_dict().items() if v is not None}
     return registry.create_model(config.model.name, num_classes, DTYPES[config.compute_dtype],
-                                 **config.model.args.to_dict())
+                                 **options)
 
 
 class MetricWriter:
