@@ -222,9 +222,15 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
     for f in newest.rglob('*'):
         if f.is_file():
             f.write_bytes(b'garbage')
+    metrics_file = pathlib.Path(workdir) / 'metrics.jsonl'
+    with metrics_file.open('a') as f:
+        f.write('{"step": 7, "train/lo')  # torn by a crash mid-write
     loop.train_and_evaluate(tiny_config(data_dir, steps=8), workdir)
     out = capsys.readouterr().out
     assert 'checkpoint at step 6 is unreadable' in out and 'Resuming from step 4' in out
+    # Steps 5 and 6 were logged again after the fallback: each is in metrics.jsonl once.
+    steps = [json.loads(line)['step'] for line in metrics_file.read_text().splitlines()]
+    assert steps == list(range(1, 9))
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_dir, tmp_path):

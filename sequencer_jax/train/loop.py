@@ -42,12 +42,22 @@ def build_model(config, num_classes: int):
 
 
 class MetricWriter:
-    """metrics.jsonl and TensorBoard events; writes on process 0 only."""
+    """metrics.jsonl and TensorBoard events; writes on process 0 only.
 
-    def __init__(self, workdir: epath.Path):
+    A run resumed at ``start_step`` first drops the lines of later steps: a run that
+    died between checkpoints logged them, and they are about to be logged again.
+    """
+
+    def __init__(self, workdir: epath.Path, start_step: int = 0):
         self._active = jax.process_index() == 0
         if self._active:
-            self._jsonl = (workdir / METRICS_FILE).open('a')
+            metrics_file = workdir / METRICS_FILE
+            if metrics_file.exists():
+                lines = metrics_file.read_text().splitlines(keepends=True)
+                kept = [line for line in lines if _logged_step(line) <= start_step]
+                if len(kept) < len(lines):
+                    metrics_file.write_text(''.join(kept))
+            self._jsonl = metrics_file.open('a')
             self._tb = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -64,6 +74,15 @@ class MetricWriter:
         if self._active:
             self._jsonl.close()
             self._tb.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as
+    after every step, so that it is dropped."""
+    try:
+        return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class Progress:
@@ -298,7 +317,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     train_iter = pipeline.GlobalBatches(
         pipeline.train_dataset(spec, config, local_batch, start_example=examples_read),
         batch_sharding, f'{spec.builder.name} train')
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step)
     progress = Progress(config.progress, start_step, total_steps)
     stop = StopFlag()
     if jax.process_index() == 0:
