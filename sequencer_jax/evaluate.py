@@ -55,7 +55,13 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
         if ema_params is None:
             raise ValueError(f'{checkpoint_dir} has no EMA weights; drop --ema.')
         params = ema_params
+    for resolution in resolutions:  # all now: not after the first ones' evaluation
+        model._check_input(jax.numpy.zeros((1, resolution, resolution, 3)))
     params = loop.match_layout(params, model)
+    size = resolutions[0]
+    loop.check_params_fit(params, jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                                 jax.numpy.zeros((1, size, size, 3)))['params'],
+                          f'The checkpoint {checkpoint_dir}', config)
     mesh = mesh_lib.make_mesh(config.mesh)
     param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
     params = jax.device_put(params, param_shardings)
@@ -70,8 +76,6 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     split = split or spec.eval_split
     rows = []
     for resolution in resolutions:
-        model._check_input(jax.numpy.zeros((1, resolution, resolution, 3)))
-
         def batches(resolution=resolution):
             ds, n = pipeline.eval_dataset(spec, config, local_batch, image_size=resolution,
                                           crop_pct=crop_pct, split=split)

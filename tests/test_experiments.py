@@ -3,6 +3,7 @@ fine-tuning from a checkpoint, and the linear-probe feature-extraction example."
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import sequencer_jax as sj
 from sequencer_jax import convert
 from sequencer_jax.experiments import erf, linear_probe, resolution, robustness
 from sequencer_jax.train import loop, steps
-from test_train import ROOT, final_params, load_config, tiny_config
+from test_train import ROOT, TINY_MODEL, final_params, load_config, tiny_config
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -222,6 +223,20 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
         expected_head = fresh['head'] if reinit_head else source['head']
         jax.tree.map(np.testing.assert_array_equal, loaded['head'], expected_head)
         jax.tree.map(np.testing.assert_array_equal, loaded['stem'], source['stem'])
+    # A checkpoint of another architecture names the first parameter that differs.
+    wider = tiny_config(data_dir, init_from=trained, **{'model.args': dict(
+        TINY_MODEL, embed_dims=(16, 32, 24, 24))})
+    model = loop.build_model(wider, 10)
+    size = wider.image_size
+    fresh = model.init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))['params']
+    message = (f"config.init_from='{trained}' does not fit sequencer2d_s with "
+               'config.model.args: its parameter stages_1_blocks_0/mlp_channels/fc1/bias is '
+               "(72,), the model's (96,). Use the config (and variant) it was trained with.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.initial_params(wider, model, fresh)
+    from sequencer_jax import evaluate
+    with pytest.raises(ValueError, match=f'The checkpoint {re.escape(trained)} does not fit'):
+        evaluate.evaluate_checkpoint(wider, trained, [32])
 
 
 def test_finetune_configs_follow_the_official_recipes():

@@ -214,10 +214,26 @@ def initial_params(config, model, params: Any) -> Any:
         jax.tree.map(jnp.shape, params.get('head'))
     if config.reinit_head or head_differs:
         loaded['head'] = params['head']
-    if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, loaded):
-        raise ValueError(f'config.init_from={config.init_from!r} does not match '
-                         f'{config.model.name} with config.model.args; parameter shapes differ.')
+    check_params_fit(loaded, params, f'config.init_from={config.init_from!r}', config)
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
+
+
+def check_params_fit(loaded: Any, expected: Any, source: str, config) -> None:
+    """A ValueError naming the first parameter where ``loaded`` and ``expected`` (arrays or
+    ShapeDtypeStructs) differ in name or shape; checkpoints of another model end here
+    instead of in an error from deep inside Flax."""
+    shapes = [{jax.tree_util.keystr(path, simple=True, separator='/'): tuple(x.shape)
+               for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+              for tree in (loaded, expected)]
+    if shapes[0] == shapes[1]:
+        return
+    names = sorted(set(shapes[0]) | set(shapes[1]))
+    first = next(n for n in names if shapes[0].get(n) != shapes[1].get(n))
+    raise ValueError(
+        f'{source} does not fit {config.model.name} with config.model.args: its parameter '
+        f'{first} is {shapes[0].get(first, "missing")}, the model\'s '
+        f'{shapes[1].get(first, "missing")}. Use the config (and variant) it was trained '
+        'with.')
 
 
 def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) -> dict:
