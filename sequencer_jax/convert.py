@@ -177,6 +177,17 @@ def stack_stage_blocks(params: dict[str, Any], layers) -> dict[str, Any]:
     return params
 
 
+def unstack_stage_blocks(params: dict[str, Any], layers) -> dict[str, Any]:
+    """The ``scan_blocks=True`` layout -> unrolled block params (``stages_i_blocks_j``);
+    the inverse of ``stack_stage_blocks``."""
+    params = dict(params)
+    for i, depth in enumerate(layers):
+        stacked = params.pop(f'stages_{i}_blocks')['block']
+        for j in range(depth):
+            params[f'stages_{i}_blocks_{j}'] = jax.tree.map(lambda x, j=j: x[j], stacked)
+    return params
+
+
 def load_state_dict_file(path: str) -> dict[str, Any]:
     """Reads a state_dict from ``.pth``/``.pt`` (as data: ``weights_only=True``),
     ``.safetensors`` or ``.npz`` (one array per key)."""

@@ -125,6 +125,13 @@ def test_scan_blocks_gradients_equal_unrolled(timm_fixture):
     g_restacked = convert.stack_stage_blocks(g_unrolled['params'], model.layers)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                  g_restacked, g_scanned['params'])
+    # Checkpoints load into either layout (loop.match_layout), exactly.
+    from sequencer_jax.train import loop
+    for target, source, expected in [(scanned, v_unrolled, v_scanned),
+                                     (model, v_scanned, v_unrolled),
+                                     (model, v_unrolled, v_unrolled)]:
+        jax.tree.map(np.testing.assert_array_equal,
+                     loop.match_layout(source['params'], target), expected['params'])
 
 
 def test_fused_axes_equal_separate_scans(timm_fixture):

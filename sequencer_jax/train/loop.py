@@ -199,9 +199,20 @@ def checked_checkpoint_source(source: str | epath.Path) -> epath.Path:
 
 
 def match_layout(params: Any, model) -> Any:
-    """Converts unrolled block params to the scan_blocks layout when the model scans."""
-    if model.scan_blocks and 'stages_0_blocks_0' in params:
+    """Block params in the model's layout: stacked when it scans its blocks
+    (``scan_blocks``), unrolled when not, whichever way the checkpoint was written.
+    Params with other block counts are returned as they are (``check_params_fit`` then
+    names the difference)."""
+    unrolled = [sum(f'stages_{i}_blocks_{j}' in params for j in range(depth))
+                for i, depth in enumerate(model.layers)]
+    if model.scan_blocks and unrolled == list(model.layers):
         return convert.stack_stage_blocks(params, model.layers)
+    stacked = [jax.tree.leaves(params.get(f'stages_{i}_blocks', {}))
+               for i in range(len(model.layers))]
+    if not model.scan_blocks and all(
+            leaves and leaves[0].shape[0] == depth
+            for leaves, depth in zip(stacked, model.layers)):
+        return convert.unstack_stage_blocks(params, model.layers)
     return params
 
 
