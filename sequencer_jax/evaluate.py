@@ -51,6 +51,8 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     spec = pipeline.dataset_spec(config.dataset)
     if model is None:
         model = loop.build_model(config, config.model.num_classes or spec.num_classes)
+    if class_mask is None:  # a masked subset (ImageNet-A/R) has its own class count
+        loop.check_num_classes(model.num_classes, spec, f'The checkpoint {checkpoint_dir}')
     if use_ema:
         if ema_params is None:
             raise ValueError(f'{checkpoint_dir} has no EMA weights; drop --ema.')

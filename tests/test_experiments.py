@@ -237,6 +237,9 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
     from sequencer_jax import evaluate
     with pytest.raises(ValueError, match=f'The checkpoint {re.escape(trained)} does not fit'):
         evaluate.evaluate_checkpoint(wider, trained, [32])
+    narrow = tiny_config(data_dir, **{'model.num_classes': 5})
+    with pytest.raises(ValueError, match='5 classes, but sklearn_digits has 10'):
+        evaluate.evaluate_checkpoint(narrow, trained, [32])
 
 
 def test_finetune_configs_follow_the_official_recipes():

@@ -233,6 +233,13 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
     assert steps == list(range(1, 9))
 
 
+def test_a_head_narrower_than_the_dataset_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{'model.num_classes': 5})
+    with pytest.raises(ValueError, match='config.model.num_classes: 5 classes, but '
+                                         'sklearn_digits has 10; use a model with at least'):
+        loop.train_and_evaluate(config, str(tmp_path))
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, steps=6, **{'optimizer.base_lr': 1e30,
                                                'optimizer.warmup_epochs': 0})

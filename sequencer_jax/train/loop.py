@@ -229,6 +229,14 @@ def initial_params(config, model, params: Any) -> Any:
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
 
 
+def check_num_classes(num_classes: int, spec: pipeline.DatasetSpec, source: str) -> None:
+    """A ValueError when a classifier of ``num_classes`` cannot score every label of the
+    dataset (labels past the last class would count as silently wrong)."""
+    if num_classes < spec.num_classes:
+        raise ValueError(f'{source}: {num_classes} classes, but {spec.builder.name} has '
+                         f'{spec.num_classes}; use a model with at least as many.')
+
+
 def check_params_fit(loaded: Any, expected: Any, source: str, config) -> None:
     """A ValueError naming the first parameter where ``loaded`` and ``expected`` (arrays or
     ShapeDtypeStructs) differ in name or shape; checkpoints of another model end here
@@ -280,6 +288,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     spec = pipeline.dataset_spec(config.dataset)
     num_classes = config.model.num_classes or spec.num_classes
+    check_num_classes(num_classes, spec, 'config.model.num_classes')
     model = build_model(config, num_classes)
     local_batch = pipeline.local_batch_size(config.batch_size, mesh_lib.num_batch_shards(mesh))
     eval_batch = config.eval_batch_size or config.batch_size
