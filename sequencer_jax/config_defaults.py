@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
-    config.best_metric = 'eval/top1'
+    config.best_metric = 'eval/top1'  # one of BEST_METRICS, or None: only the newest
     config.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tuning
     config.requires_init_from = False  # True: training refuses to start without init_from
     config.reinit_head = False  # True: a fresh head even where init_from's head fits
@@ -148,6 +148,11 @@ _RANGES = (
 )
 
 
+# Metrics that choose the best checkpoint to keep (highest accuracy, lowest loss).
+BEST_METRICS = tuple(f'{prefix}/{name}' for prefix in ('eval', 'eval_ema')
+                     for name in ('top1', 'top5', 'loss'))
+
+
 def check_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
     """Raises ValueError naming every number of a config that is out of range (e.g.
     ``--config.batch_size=0``) and, for ``training``, a missing ``init_from`` that the
@@ -159,6 +164,13 @@ def check_config(config: ml_collections.ConfigDict, training: bool = True) -> No
             value = value.get(part) if value is not None else None
         if value is not None and not valid(value):
             problems.append(f'config.{key}={value!r} must be {requirement}')
+    best = config.get('best_metric')
+    if training and best is not None and best not in BEST_METRICS:
+        problems.append(f'config.best_metric={best!r} must be one of {list(BEST_METRICS)} '
+                        '(or None: keep only the newest checkpoints)')
+    elif training and best and best.startswith('eval_ema/') and not config.get('ema_decay'):
+        problems.append(f'config.best_metric={best!r} needs EMA weights: set '
+                        'config.ema_decay (e.g. 0.9999) or choose an eval/ metric')
     if training and config.get('requires_init_from') and not config.get('init_from'):
         problems.append('config.init_from is not set, and this config fine-tunes trained '
                         'weights: give --config.init_from=DIR (a directory written by '

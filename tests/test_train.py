@@ -233,6 +233,20 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.parametrize('metric, values, best', [('eval/top1', [0.3, 0.9, 0.5], 2),
+                                                  ('eval/loss', [3.0, 1.0, 2.0], 2),
+                                                  ('eval/loss', [1.0, 3.0, 2.0], 1)])
+def test_the_best_checkpoint_is_kept_by_its_metric(tmp_path, metric, values, best):
+    """The newest checkpoint and the best one: highest accuracy, lowest loss."""
+    from sequencer_jax.train import checkpoint
+    manager = checkpoint.make_manager(tmp_path, 1, metric)
+    for step, value in enumerate(values, start=1):
+        checkpoint.save(manager, step, {'w': np.full(3, step, np.float32)}, {'step': step},
+                        {metric: value})
+    assert manager.all_steps() == sorted({best, len(values)})
+    manager.close()
+
+
 def test_a_head_narrower_than_the_dataset_is_refused(data_dir, tmp_path):
     config = tiny_config(data_dir, **{'model.num_classes': 5})
     with pytest.raises(ValueError, match='config.model.num_classes: 5 classes, but '
@@ -316,7 +330,10 @@ def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_p
         loop.train_and_evaluate(config, str(workdir))
     for overrides, error in [({'model.name': 'sequencer2d_xl'}, "Unknown model 'sequencer2d_xl'"),
                              ({'compute_dtype': 'float16'}, 'config.compute_dtype must be one'),
-                             ({'model.args': {'layers': (1, 2)}}, 'layers, patch_sizes')]:
+                             ({'model.args': {'layers': (1, 2)}}, 'layers, patch_sizes'),
+                             ({'best_metric': 'eval/acc'}, "config.best_metric='eval/acc' must "
+                              "be one of \\['eval/top1'"),
+                             ({'best_metric': 'eval_ema/top1'}, 'needs EMA weights')]:
         with pytest.raises(ValueError, match=error):
             loop.train_and_evaluate(tiny_config(str(tmp_path), **overrides), str(workdir))
     assert not workdir.exists()

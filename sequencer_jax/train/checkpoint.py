@@ -26,12 +26,13 @@ CHECKPOINT_DIR = 'checkpoints'
 def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
                  ) -> ocp.CheckpointManager:
     """A manager of ``<workdir>/checkpoints`` (local or ``gs://``) keeping the last ``keep``
-    checkpoints and the best one by ``best_metric``."""
+    checkpoints and the best one by ``best_metric`` (the lowest for a loss, else the
+    highest)."""
     policies = [policy_lib.LatestN(keep)]
     if best_metric:
         policies.append(policy_lib.BestN(
             get_metric_fn=lambda metrics: metrics[best_metric], n=1,
-            keep_checkpoints_without_metrics=False))
+            reverse=best_metric.endswith('loss'), keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy_lib.AnyPreservationPolicy(policies), create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=False)
