@@ -333,7 +333,8 @@ def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_p
                              ({'model.args': {'layers': (1, 2)}}, 'layers, patch_sizes'),
                              ({'best_metric': 'eval/acc'}, "config.best_metric='eval/acc' must "
                               "be one of \\['eval/top1'"),
-                             ({'best_metric': 'eval_ema/top1'}, 'needs EMA weights')]:
+                             ({'best_metric': 'eval_ema/top1'}, 'needs EMA weights'),
+                             ({'eval_image_size': 36}, 'divisible by the total stride 8')]:
         with pytest.raises(ValueError, match=error):
             loop.train_and_evaluate(tiny_config(str(tmp_path), **overrides), str(workdir))
     assert not workdir.exists()

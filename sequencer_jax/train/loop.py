@@ -273,9 +273,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
     ``workdir`` is a local directory or a bucket (``gs://``)."""
     config_defaults.check_config(config)
-    # The model's options and init_from now, not after the dataset is prepared (hours
-    # for ImageNet); the real model is built once the dataset gives the class count.
-    build_model(config, config.model.num_classes or 1)
+    # The model's options, image sizes and init_from now, not after the dataset is
+    # prepared (hours for ImageNet) or at the first evaluation; the real model is built
+    # once the dataset gives the class count.
+    model = build_model(config, config.model.num_classes or 1)
+    for size in (config.image_size, config.eval_image_size or config.image_size):
+        model._check_input(jnp.zeros((1, size, size, 3)))
     if config.init_from:
         checked_checkpoint_source(config.init_from)
     workdir = storage.created_dir(workdir, 'the workdir')
@@ -299,7 +302,6 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     tx = state_lib.make_optimizer(config, schedule)
     use_ema = config.ema_decay is not None
     image_shape = (1, config.image_size, config.image_size, 3)
-    model._check_input(jnp.zeros(image_shape))
 
     def init_state(rng):
         params = model.init(rng, jnp.zeros(image_shape))['params']
