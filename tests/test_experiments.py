@@ -175,7 +175,7 @@ def test_erf_cli(trained, data_dir, tmp_path):
 
 def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path):
     source = final_params(trained)
-    config = tiny_config(data_dir, steps=1, init_from=trained, **{'model.num_classes': 7})
+    config = tiny_config(data_dir, steps=1, init_from=trained, **{'model.num_classes': 12})
     config.unlock()
     config.optimizer.base_lr = 0.0  # keep the loaded weights as they are
     config.optimizer.warmup_lr = 0.0
@@ -184,7 +184,7 @@ def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_p
     config.lock()
     loop.train_and_evaluate(config, str(tmp_path))
     tuned = final_params(tmp_path)
-    assert tuned['head']['kernel'].shape == (24, 7)
+    assert tuned['head']['kernel'].shape == (24, 12)
     assert np.all(tuned['head']['kernel'] == 0)  # fresh head (zero-initialised)
     for name in source:
         if name != 'head':
