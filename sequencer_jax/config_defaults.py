@@ -155,8 +155,8 @@ BEST_METRICS = tuple(f'{prefix}/{name}' for prefix in ('eval', 'eval_ema')
 
 def check_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
     """Raises ValueError naming every number of a config that is out of range (e.g.
-    ``--config.batch_size=0``) and, for ``training``, a missing ``init_from`` that the
-    config requires; before anything is built or read."""
+    ``--config.batch_size=0``) and, for ``training``, a bad ``best_metric`` or a missing
+    ``init_from`` that the config requires; before anything is built or read."""
     problems = []
     for key, valid, requirement in _RANGES:
         value = config
@@ -164,19 +164,28 @@ def check_config(config: ml_collections.ConfigDict, training: bool = True) -> No
             value = value.get(part) if value is not None else None
         if value is not None and not valid(value):
             problems.append(f'config.{key}={value!r} must be {requirement}')
+    if training:
+        problems += _training_problems(config)
+    if problems:
+        raise ValueError('Bad config: ' + '; '.join(problems) + '.')
+
+
+def _training_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """What only training needs of a config: a valid best_metric and, where the config
+    fine-tunes, init_from."""
+    problems = []
     best = config.get('best_metric')
-    if training and best is not None and best not in BEST_METRICS:
+    if best is not None and best not in BEST_METRICS:
         problems.append(f'config.best_metric={best!r} must be one of {list(BEST_METRICS)} '
                         '(or None: keep only the newest checkpoints)')
-    elif training and best and best.startswith('eval_ema/') and not config.get('ema_decay'):
+    elif best and best.startswith('eval_ema/') and not config.get('ema_decay'):
         problems.append(f'config.best_metric={best!r} needs EMA weights: set '
                         'config.ema_decay (e.g. 0.9999) or choose an eval/ metric')
-    if training and config.get('requires_init_from') and not config.get('init_from'):
+    if config.get('requires_init_from') and not config.get('init_from'):
         problems.append('config.init_from is not set, and this config fine-tunes trained '
                         'weights: give --config.init_from=DIR (a directory written by '
                         'python -m sequencer_jax.convert, or a training workdir)')
-    if problems:
-        raise ValueError('Bad config: ' + '; '.join(problems) + '.')
+    return problems
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
