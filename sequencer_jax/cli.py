@@ -4,7 +4,7 @@ and their parser."""
 import difflib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_dict, config_flags
 
@@ -19,15 +19,22 @@ OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'write the results here')
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``: a mistyped
     ``--config.KEY`` override is reported by name, with the nearest keys of the config,
-    instead of as ml_collections' bare AttributeError or KeyError from deep inside."""
+    instead of as ml_collections' bare AttributeError or KeyError from deep inside.
+
+    Libraries' INFO logs are hidden unless ``--verbosity`` is given: orbax logs about 45
+    lines per checkpoint save, which buried the progress lines (``--verbosity=0`` shows
+    them again)."""
     try:
-        return app.parse_flags_with_usage(argv)
+        remaining = app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError):
         message = unknown_overrides_message(argv)
         if message is None:  # not a mistyped key (e.g. a bug in the config file): as is
             raise
         print(f'FATAL Flags parsing error: {message}', file=sys.stderr)
         sys.exit(1)
+    if not flags.FLAGS['verbosity'].present:
+        logging.set_verbosity(logging.WARNING)
+    return remaining
 
 
 def unknown_overrides_message(argv: list[str]) -> str | None:

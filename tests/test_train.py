@@ -369,6 +369,8 @@ def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'Final eval: top-1' in run.stdout
     assert sorted(losses(workdir)) == [1, 2]
+    # Orbax's INFO lines (dozens per save) stay hidden without --verbosity.
+    assert 'checkpoint_manager.py' not in run.stderr, run.stderr[-3000:]
     out = tmp_path / 'eval.json'
     evaluation = _cli(['sequencer_jax.evaluate', '--config=configs/imagenet.py',
                        f'--checkpoint={workdir}', '--resolutions=28,42',
