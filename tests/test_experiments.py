@@ -2,6 +2,7 @@
 fine-tuning from a checkpoint, and the linear-probe feature-extraction example."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -198,17 +199,21 @@ def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_p
     assert not any((tmp_path / 'empty').iterdir())  # sources are only read
 
 
-def test_loading_from_a_workdir_leaves_its_unfinished_checkpoint_alone(trained, tmp_path):
+def test_loading_from_a_workdir_leaves_its_unfinished_checkpoint_alone(trained, tmp_path,
+                                                                       caplog):
     """init_from or evaluate may read the workdir of a run that is still training: its
-    checkpoint in progress (orbax's temporary directory) must survive."""
+    checkpoint in progress (orbax's temporary directory) must survive. Reading it logs no
+    warnings (orbax's notices about read-only managers are what was asked for)."""
     workdir = tmp_path / 'running'
     shutil.copytree(trained, workdir)
     in_progress = workdir / 'checkpoints' / '99.orbax-checkpoint-tmp-1764480000000000'
     in_progress.mkdir()
-    params, _, _ = loop.load_checkpoint_params(str(workdir))
+    with caplog.at_level(logging.WARNING):
+        params, _, _ = loop.load_checkpoint_params(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
                  final_params(trained))
     assert in_progress.is_dir()
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
 def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):

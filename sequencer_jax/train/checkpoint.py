@@ -40,6 +40,10 @@ def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
                                  item_names=('state', 'meta'))
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
 def open_read_only(workdir: str | epath.Path) -> ocp.CheckpointManager | None:
     """A read-only manager of ``<workdir>/checkpoints``, or None when it holds no
     checkpoint. Nothing is created or cleaned up there: the workdir may be another run's,
@@ -48,9 +52,18 @@ def open_read_only(workdir: str | epath.Path) -> ocp.CheckpointManager | None:
     if not directory.is_dir():
         return None
     options = ocp.CheckpointManagerOptions(create=False, read_only=True,
+                                           save_interval_steps=0,
                                            cleanup_tmp_directories=False,
                                            enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+    # Orbax warns 'Given directory is read only' for every read-only manager: that is
+    # what was asked for, and the line alarmed users of evaluate and init_from.
+    absl_logger = logging.getLogger('absl')
+    absl_logger.addFilter(_not_read_only_notice)
+    try:
+        manager = ocp.CheckpointManager(directory, options=options,
+                                        item_names=('state', 'meta'))
+    finally:
+        absl_logger.removeFilter(_not_read_only_notice)
     if manager.latest_step() is None:
         manager.close()
         return None
