@@ -174,7 +174,8 @@ def test_erf_cli(trained, data_dir, tmp_path):
         assert 'Traceback' not in bad.stderr
 
 
-def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path):
+def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path,
+                                                         capsys):
     source = final_params(trained)
     config = tiny_config(data_dir, steps=1, init_from=trained, **{'model.num_classes': 12})
     config.unlock()
@@ -184,6 +185,8 @@ def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_p
     config.optimizer.weight_decay = 0.0
     config.lock()
     loop.train_and_evaluate(config, str(tmp_path))
+    assert (f"Initialised from {trained} (a new head for 12 classes; the checkpoint's has "
+            '10)') in capsys.readouterr().out
     tuned = final_params(tmp_path)
     assert tuned['head']['kernel'].shape == (24, 12)
     assert np.all(tuned['head']['kernel'] == 0)  # fresh head (zero-initialised)
@@ -224,7 +227,10 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
         model = loop.build_model(config, 10)  # the digits' 10 classes: the head fits
         size = config.image_size
         fresh = model.init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))['params']
-        loaded = jax.tree.map(np.asarray, loop.initial_params(config, model, fresh))
+        loaded, head = loop.initial_params(config, model, fresh)
+        loaded = jax.tree.map(np.asarray, loaded)
+        assert head == ('a new head, as config.reinit_head asks' if reinit_head
+                        else 'its head kept')
         expected_head = fresh['head'] if reinit_head else source['head']
         jax.tree.map(np.testing.assert_array_equal, loaded['head'], expected_head)
         jax.tree.map(np.testing.assert_array_equal, loaded['stem'], source['stem'])

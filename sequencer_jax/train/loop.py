@@ -216,17 +216,25 @@ def match_layout(params: Any, model) -> Any:
     return params
 
 
-def initial_params(config, model, params: Any) -> Any:
+def initial_params(config, model, params: Any) -> tuple[Any, str]:
     """Loads ``config.init_from`` into ``params`` (fine-tuning); the classifier head is
-    re-initialised when ``config.reinit_head`` or when its shape differs."""
+    re-initialised when ``config.reinit_head`` or when its shape differs.
+
+    Returns (params, what happened to the head, for the log)."""
     loaded, _, _ = load_checkpoint_params(config.init_from)
     loaded = dict(match_layout(loaded, model))
-    head_differs = jax.tree.map(jnp.shape, loaded.get('head')) != \
-        jax.tree.map(jnp.shape, params.get('head'))
-    if config.reinit_head or head_differs:
+    same_shape = (jax.tree.map(jnp.shape, loaded.get('head'))
+                  == jax.tree.map(jnp.shape, params['head']))
+    if same_shape and not config.reinit_head:
+        head = 'its head kept'
+    else:
+        loaded_classes = loaded['head']['kernel'].shape[-1] if 'head' in loaded else 'none'
+        head = ('a new head, as config.reinit_head asks' if same_shape else
+                f"a new head for {params['head']['kernel'].shape[-1]} classes; the "
+                f"checkpoint's has {loaded_classes}")
         loaded['head'] = params['head']
     check_params_fit(loaded, params, f'config.init_from={config.init_from!r}', config)
-    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
+    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params), head
 
 
 def check_num_classes(num_classes: int, spec: pipeline.DatasetSpec, source: str) -> None:
@@ -322,9 +330,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     else:
         state = jax.jit(init_state, out_shardings=shardings)(init_rng)
         if config.init_from:
-            params = initial_params(config, model, jax.device_get(state.params))
+            params, head = initial_params(config, model, jax.device_get(state.params))
             state = jax.device_put(state_lib.create_train_state(params, tx, use_ema), shardings)
-            print(f'Initialised from {config.init_from}', flush=True)
+            print(f'Initialised from {config.init_from} ({head})', flush=True)
         start_step, examples_read = 0, 0
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
