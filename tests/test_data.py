@@ -121,8 +121,13 @@ def test_corrupt_images_fail_clearly_or_are_skipped(tmp_path):
 
 
 def test_bad_dataset_config_errors(digits_dir):
-    with pytest.raises(ValueError, match="Unknown TFDS dataset 'no_such_set'"):
+    with pytest.raises(ValueError, match="Unknown TFDS dataset 'no_such_set'. Use a name "):
         pipeline.dataset_spec(make_config('no_such_set', digits_dir).dataset)
+    assert pipeline.unknown_dataset_message('Cifar-10:3.0.2').startswith(
+        "Unknown TFDS dataset 'Cifar-10:3.0.2' (did you mean cifar10, cifar100")
+    assert '(did you mean sklearn_digits' in pipeline.unknown_dataset_message('sklearn_digit')
+    with pytest.raises(ValueError, match=r"Unknown TFDS dataset 'cifar-10' \(did you mean "):
+        pipeline.dataset_spec(make_config('cifar-10', digits_dir).dataset)  # TFDS: unparsable
     with pytest.raises(ValueError, match="no feature 'img'.*config.dataset.image_key"):
         pipeline.dataset_spec(make_config('sklearn_digits', digits_dir, image_key='img').dataset)
     with pytest.raises(ValueError, match="no split 'dev'"):

@@ -11,6 +11,7 @@ over the mesh's batch axes with ``jax.make_array_from_process_local_data``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from typing import Any, Iterator
@@ -74,13 +75,34 @@ def _check_key(builder, key: str, what: str) -> None:
                          f'config.dataset.{what}_key.')
 
 
+def _base_name(name: str) -> str:
+    """The dataset of a TFDS name: 'cifar10' of 'cifar10:3.0.2' or of 'cifar10/config'."""
+    return name.split(':')[0].split('/')[0]
+
+
+def unknown_dataset_message(name: str) -> str:
+    """What to say of a dataset name TFDS does not know: the nearest names it does
+    (TFDS's own error lists all ~450 of them)."""
+    close = difflib.get_close_matches(_base_name(name).lower(),
+                                      tfds.list_builders(with_community_datasets=False),
+                                      n=3, cutoff=0.6)
+    hint = f' (did you mean {", ".join(close)}?)' if close else ''
+    return (f'Unknown TFDS dataset {name!r}{hint}. Use a name from the TFDS catalogue '
+            '(https://www.tensorflow.org/datasets/catalog/overview), e.g. imagenet2012 or '
+            'cifar10, or sklearn_digits (embedded).')
+
+
 def load_builder(config, prepare: bool = True):
     """The TFDS builder of ``config`` (``config.dataset``), prepared on first use."""
     try:
         builder = tfds.builder(config.name, data_dir=_data_dir(config))
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f'Unknown TFDS dataset {config.name!r}: {e}. Use a TFDS name '
-                         '(e.g. imagenet2012, cifar10) or sklearn_digits.') from None
+    except ValueError as e:
+        # Not found, or a name TFDS cannot even parse ('cifar-10'); other errors (an
+        # unknown builder config, say) are TFDS's own, with their suggestions.
+        parsable = _base_name(config.name).isidentifier()
+        if isinstance(e, tfds.core.registered.DatasetNotFoundError) or not parsable:
+            raise ValueError(unknown_dataset_message(config.name)) from None
+        raise
     if prepare and not builder.is_prepared():
         _check_manual_files(config)
         print(f'Preparing TFDS dataset {builder.name} in {builder.data_dir} (first use only; '
