@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import ml_collections
 
@@ -186,6 +187,26 @@ def _training_problems(config: ml_collections.ConfigDict) -> list[str]:
                         'weights: give --config.init_from=DIR (a directory written by '
                         'python -m sequencer_jax.convert, or a training workdir)')
     return problems
+
+
+def config_changes(before: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """``'key: old -> new'`` (dotted keys, JSON values) for every value that differs
+    between ``before`` (a config saved with ``to_json_best_effort``) and ``config``."""
+    flat = [_flattened(tree) for tree in (before, json.loads(config.to_json_best_effort()))]
+    keys = sorted(set(flat[0]) | set(flat[1]))
+    show = lambda f, key: json.dumps(f[key]) if key in f else 'unset'  # noqa: E731
+    return [f'{key}: {show(flat[0], key)} -> {show(flat[1], key)}'
+            for key in keys if flat[0].get(key, show) != flat[1].get(key, show)]
+
+
+def _flattened(tree: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flattened(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None,

@@ -63,7 +63,7 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     size = resolutions[0]
     loop.check_params_fit(params, jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                                  jax.numpy.zeros((1, size, size, 3)))['params'],
-                          f'The checkpoint {checkpoint_dir}', config)
+                          checkpoint_dir, config, f'The checkpoint {checkpoint_dir}')
     mesh = mesh_lib.make_mesh(config.mesh)
     param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
     params = jax.device_put(params, param_shardings)

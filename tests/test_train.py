@@ -215,7 +215,10 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
     # Continue the 8-device fsdp checkpoint on 4 devices with another mesh.
     loop.train_and_evaluate(tiny_config(data_dir, steps=6, mesh=[('data', 2), ('fsdp', 2)]),
                             workdir, devices=jax.devices()[:4])
-    assert 'Resuming from step 4' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'Resuming from step 4' in out
+    assert ('Config changed since the last start: mesh: [["data", 1], ["fsdp", 8]] -> '
+            '[["data", 2], ["fsdp", 2]]; num_train_steps: 4 -> 6') in out
     assert max(losses(workdir)) == 6
     # Corrupt the newest checkpoint: the run falls back to the one before it.
     newest = pathlib.Path(workdir) / 'checkpoints' / '6' / 'state'
@@ -231,6 +234,19 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
     # Steps 5 and 6 were logged again after the fallback: each is in metrics.jsonl once.
     steps = [json.loads(line)['step'] for line in metrics_file.read_text().splitlines()]
     assert steps == list(range(1, 9))
+    # Another model in this workdir is refused, naming what changed, and nothing is moved
+    # (once, every checkpoint was taken for corrupt and training began again from step 0).
+    checkpoints = sorted(os.listdir(pathlib.Path(workdir) / 'checkpoints'))
+    wider = tiny_config(data_dir, steps=10, **{'model.args': dict(TINY_MODEL,
+                                                                  embed_dims=(16, 32, 24, 24))})
+    message = (r"The checkpoint at step 8 in \S+ was written with another model or optimizer "
+               r"config: its params/stages_1_\S+ is \(\d+,( \d+)?\), this run's \(\d+,( \d+)?\)\. "
+               r'Changed since its last start: model.args.embed_dims: \[16, 24, 24, 24\] -> '
+               r'\[16, 32, 24, 24\]; num_train_steps: 8 -> 10\. Resume with the config')
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(wider, workdir)
+    assert sorted(os.listdir(pathlib.Path(workdir) / 'checkpoints')) == checkpoints
+    assert max(losses(workdir)) == 8
 
 
 @pytest.mark.parametrize('metric, values, best', [('eval/top1', [0.3, 0.9, 0.5], 2),

@@ -37,7 +37,13 @@ def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
         preservation_policy=policy_lib.AnyPreservationPolicy(policies), create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(storage.resolve(workdir) / CHECKPOINT_DIR, options=options,
-                                 item_names=('state', 'meta'))
+                                 item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """The handlers of a checkpoint's items; given up front (not only at save or
+    restore), they also let a manager read the items' metadata."""
+    return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
 
 
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
@@ -61,7 +67,7 @@ def open_read_only(workdir: str | epath.Path) -> ocp.CheckpointManager | None:
     absl_logger.addFilter(_not_read_only_notice)
     try:
         manager = ocp.CheckpointManager(directory, options=options,
-                                        item_names=('state', 'meta'))
+                                        item_handlers=_item_handlers())
     finally:
         absl_logger.removeFilter(_not_read_only_notice)
     if manager.latest_step() is None:
@@ -85,15 +91,57 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                         tree, shardings)
 
 
+class StateMismatchError(ValueError):
+    """A readable checkpoint whose arrays differ from the state it was to restore into:
+    it was written with another model or optimizer configuration."""
+
+
+def shape_difference(saved: Any, expected: Any) -> tuple[str, Any, Any] | None:
+    """The first leaf, by path ('params/stem/kernel'), where two trees (of arrays,
+    ShapeDtypeStructs or orbax's array metadata) differ in presence or shape, as
+    (path, saved shape, expected shape) with 'missing' for an absent leaf; None when
+    they agree."""
+    shapes = [{jax.tree_util.keystr(path, simple=True, separator='/'): tuple(x.shape)
+               for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+              for tree in (saved, expected)]
+    if shapes[0] == shapes[1]:
+        return None
+    # A train state's params first: the likeliest difference, and the clearest to name.
+    names = sorted(set(shapes[0]) | set(shapes[1]), key=lambda n: (not n.startswith('params/'), n))
+    first = next(n for n in names if shapes[0].get(n) != shapes[1].get(n))
+    return first, shapes[0].get(first, 'missing'), shapes[1].get(first, 'missing')
+
+
+def _saved_state_difference(manager: ocp.CheckpointManager, step: int,
+                            abstract_state: Any) -> tuple[str, Any, Any] | None:
+    """How the state saved at ``step`` differs from ``abstract_state`` in its arrays'
+    names and shapes; None when they agree or the checkpoint's metadata is unreadable."""
+    try:
+        saved = manager.item_metadata(step)['state']
+    except Exception:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+        return None
+    return None if saved is None else shape_difference(saved, abstract_state)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Any, dict] | None:
     """The newest checkpoint that restores, as (state, meta); None when there is none.
 
     A corrupt or partly written newest checkpoint is skipped with a warning, moved aside
     to ``<workdir>/checkpoints_unreadable/<step>`` (kept for inspection, and out of the way
-    of the step that will be saved again), and the one before it is used.
+    of the step that will be saved again), and the one before it is used. A readable one
+    whose arrays differ from ``abstract_state`` (another model or optimizer config) raises
+    ``StateMismatchError`` and is left where it is: falling back would move every
+    checkpoint of the run aside and train from scratch.
     """
     for step in sorted(manager.all_steps(), reverse=True):
+        difference = _saved_state_difference(manager, step, abstract_state)
+        if difference is not None:
+            path, saved, expected = difference
+            raise StateMismatchError(
+                f'The checkpoint at step {step} in {manager.directory} was written with '
+                f"another model or optimizer config: its {path} is {saved}, this run's "
+                f'{expected}')
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

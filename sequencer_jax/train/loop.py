@@ -30,6 +30,7 @@ from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 METRICS_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.json'  # the config of the run's latest start
 
 
 def build_model(config, num_classes: int):
@@ -233,7 +234,8 @@ def initial_params(config, model, params: Any) -> tuple[Any, str]:
                 f"a new head for {params['head']['kernel'].shape[-1]} classes; the "
                 f"checkpoint's has {loaded_classes}")
         loaded['head'] = params['head']
-    check_params_fit(loaded, params, f'config.init_from={config.init_from!r}', config)
+    check_params_fit(loaded, params, config.init_from, config,
+                     f'config.init_from={config.init_from!r}')
     return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params), head
 
 
@@ -245,22 +247,35 @@ def check_num_classes(num_classes: int, spec: pipeline.DatasetSpec, source: str)
                          f'{spec.num_classes}; use a model with at least as many.')
 
 
-def check_params_fit(loaded: Any, expected: Any, source: str, config) -> None:
+def check_params_fit(loaded: Any, expected: Any, source: str | epath.Path, config,
+                     what: str | None = None) -> None:
     """A ValueError naming the first parameter where ``loaded`` and ``expected`` (arrays or
     ShapeDtypeStructs) differ in name or shape; checkpoints of another model end here
-    instead of in an error from deep inside Flax."""
-    shapes = [{jax.tree_util.keystr(path, simple=True, separator='/'): tuple(x.shape)
-               for path, x in jax.tree_util.tree_leaves_with_path(tree)}
-              for tree in (loaded, expected)]
-    if shapes[0] == shapes[1]:
+    instead of in an error from deep inside Flax. ``source`` is the checkpoint's directory
+    (named by ``what`` in the message, default: itself)."""
+    difference = checkpoint.shape_difference(loaded, expected)
+    if difference is None:
         return
-    names = sorted(set(shapes[0]) | set(shapes[1]))
-    first = next(n for n in names if shapes[0].get(n) != shapes[1].get(n))
+    name, saved, wanted = difference
+    saved_config = storage.resolve(source) / CONFIG_FILE
+    hint = f', saved in {saved_config}' if saved_config.exists() else ''
     raise ValueError(
-        f'{source} does not fit {config.model.name} with config.model.args: its parameter '
-        f'{first} is {shapes[0].get(first, "missing")}, the model\'s '
-        f'{shapes[1].get(first, "missing")}. Use the config (and variant) it was trained '
-        'with.')
+        f'{what or source} does not fit {config.model.name} with config.model.args: its '
+        f"parameter {name} is {saved}, the model's {wanted}. Use the config (and variant) "
+        f'it was trained with{hint}.')
+
+
+def config_changes_since_last_start(workdir: epath.Path, config) -> list[str]:
+    """How ``config`` differs from the one the run in ``workdir`` last started with
+    (``config.json``; see ``config_defaults.config_changes``); [] for a new workdir."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return []
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:  # torn by a crash while it was written: nothing to compare
+        return []
+    return config_defaults.config_changes(before, config)
 
 
 def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) -> dict:
@@ -320,13 +335,22 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     abstract = jax.eval_shape(init_state, init_rng)
     shardings = mesh_lib.tree_shardings(abstract, mesh, config.param_rules)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints, config.best_metric)
-    restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract, shardings))
+    changes = config_changes_since_last_start(workdir, config)
+    try:
+        restored = checkpoint.restore_latest(manager,
+                                             checkpoint.abstract_like(abstract, shardings))
+    except checkpoint.StateMismatchError as e:
+        since = f' Changed since its last start: {"; ".join(changes)}.' if changes else ''
+        raise ValueError(f'{e}.{since} Resume with the config the run was started with, or '
+                         'train in another --workdir.') from None
     if restored is not None:
         state, meta = restored
         start_step = int(state.step)
         examples_read = meta['examples_per_process'] if meta['batch_size'] == config.batch_size \
             else start_step * local_batch
         print(f'Resuming from step {start_step} in {workdir}', flush=True)
+        if changes:
+            print(f'Config changed since the last start: {"; ".join(changes)}', flush=True)
     else:
         state = jax.jit(init_state, out_shardings=shardings)(init_rng)
         if config.init_from:
@@ -335,6 +359,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
             print(f'Initialised from {config.init_from} ({head})', flush=True)
         start_step, examples_read = 0, 0
 
+    if jax.process_index() == 0:
+        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
     batch_sharding = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
     mix = dict(mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
