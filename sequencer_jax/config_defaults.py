@@ -192,11 +192,13 @@ def _training_problems(config: ml_collections.ConfigDict) -> list[str]:
 def config_changes(before: dict, config: ml_collections.ConfigDict) -> list[str]:
     """``'key: old -> new'`` (dotted keys, JSON values) for every value that differs
     between ``before`` (a config saved with ``to_json_best_effort``) and ``config``."""
-    flat = [_flattened(tree) for tree in (before, json.loads(config.to_json_best_effort()))]
-    keys = sorted(set(flat[0]) | set(flat[1]))
-    show = lambda f, key: json.dumps(f[key]) if key in f else 'unset'  # noqa: E731
-    return [f'{key}: {show(flat[0], key)} -> {show(flat[1], key)}'
-            for key in keys if flat[0].get(key, show) != flat[1].get(key, show)]
+    old, new = _flattened(before), _flattened(json.loads(config.to_json_best_effort()))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        shown = [json.dumps(flat[key]) if key in flat else 'unset' for flat in (old, new)]
+        if shown[0] != shown[1]:
+            changes.append(f'{key}: {shown[0]} -> {shown[1]}')
+    return changes
 
 
 def _flattened(tree: dict, prefix: str = '') -> dict:

@@ -296,6 +296,18 @@ def test_default_main_job_learns_the_digits(data_dir, tmp_path):
     assert metrics['eval/top1'] > 0.8  # chance is 0.1
 
 
+def test_config_changes_name_every_changed_added_and_dropped_key():
+    saved = json.loads(load_config('default.py').to_json_best_effort())
+    saved['old_key'] = 1
+    config = load_config('default.py', 'mesh=fsdp')
+    config.batch_size = 32
+    assert config_defaults.config_changes(saved, config) == [
+        'batch_size: 64 -> 32', 'mesh: [["data", -1], ["fsdp", 1]] -> [["data", 1], '
+        '["fsdp", -1]]', 'old_key: 1 -> unset']
+    del saved['old_key']
+    assert config_defaults.config_changes(saved, load_config('default.py')) == []
+
+
 def test_config_variants_and_errors():
     config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'
                                          'remat=true,recurrence=pallas')

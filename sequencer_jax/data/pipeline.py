@@ -298,4 +298,3 @@ class GlobalBatches:
     def _to_global(self, array: np.ndarray) -> jax.Array:
         global_shape = (array.shape[0] * jax.process_count(),) + array.shape[1:]
         return jax.make_array_from_process_local_data(self._sharding, array, global_shape)
-

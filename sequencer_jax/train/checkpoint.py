@@ -107,7 +107,8 @@ def shape_difference(saved: Any, expected: Any) -> tuple[str, Any, Any] | None:
     if shapes[0] == shapes[1]:
         return None
     # A train state's params first: the likeliest difference, and the clearest to name.
-    names = sorted(set(shapes[0]) | set(shapes[1]), key=lambda n: (not n.startswith('params/'), n))
+    names = sorted(set(shapes[0]) | set(shapes[1]),
+                   key=lambda name: (not name.startswith('params/'), name))
     first = next(n for n in names if shapes[0].get(n) != shapes[1].get(n))
     return first, shapes[0].get(first, 'missing'), shapes[1].get(first, 'missing')
 
