@@ -247,6 +247,12 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
         loop.train_and_evaluate(wider, workdir)
     assert sorted(os.listdir(pathlib.Path(workdir) / 'checkpoints')) == checkpoints
     assert max(losses(workdir)) == 8
+    # With its own config the run goes on; at its last step there is only the evaluation.
+    capsys.readouterr()
+    metrics = loop.train_and_evaluate(tiny_config(data_dir, steps=8), workdir)
+    out = capsys.readouterr().out
+    assert 'Resuming from step 8' in out and 'evaluating it only' in out
+    assert 0 <= metrics['eval/top1'] <= 1
 
 
 @pytest.mark.parametrize('metric, values, best', [('eval/top1', [0.3, 0.9, 0.5], 2),

@@ -396,6 +396,10 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
         print(f'Training {config.model.name} ({num_classes} classes) on {spec.builder.name} '
               f'for {total_steps} steps of {config.batch_size} images, mesh '
               f'{dict(mesh.shape)}, workdir {workdir}', flush=True)
+        if start_step >= total_steps:
+            print(f'The checkpoint is at step {start_step}, the end of these {total_steps} '
+                  'steps: evaluating it only (raise config.num_train_steps or num_epochs to '
+                  'train on).', flush=True)
 
     def save(step, metrics=None):
         meta = {'examples_per_process': step * local_batch, 'batch_size': config.batch_size,
