@@ -49,6 +49,10 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
         raise ValueError(f'--resolutions must be positive image sizes, got {bad}.')
     params, ema_params, model = loop.load_checkpoint_params(checkpoint_dir)
     spec = pipeline.dataset_spec(config.dataset)
+    split = split or spec.eval_split
+    examples = pipeline.split_examples(
+        spec.builder, split, 'Give --split one of them, or a split expression such as '
+        "'validation[:10%]'.")
     if model is None:
         model = loop.build_model(config, config.model.num_classes or spec.num_classes)
     if class_mask is None:  # a masked subset (ImageNet-A/R) has its own class count
@@ -75,7 +79,6 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
                         compiler_options=xla_options.compiler_options())
     batch = config.eval_batch_size or config.batch_size
     local_batch = pipeline.local_batch_size(batch, mesh_lib.num_batch_shards(mesh))
-    split = split or spec.eval_split
     rows = []
     for resolution in resolutions:
         def batches(resolution=resolution):
@@ -85,8 +88,7 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
 
         with jax.set_mesh(mesh):  # recurrence='pallas' splits its kernels over it
             result = loop.evaluate(params, batches, eval_step)
-        rows.append({'resolution': resolution, **result,
-                     'examples': pipeline.num_examples(spec.builder.info.splits, split)})
+        rows.append({'resolution': resolution, **result, 'examples': examples})
     return rows
 
 

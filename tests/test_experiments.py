@@ -63,6 +63,10 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
         'rows']] == [32, 48]
     bad = _run(args + ['--resolutions=30'])
     assert bad.returncode != 0 and 'divisible by the total stride 8' in bad.stderr
+    bad = _run(args + ['--split=dev'])
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+    assert ("sklearn_digits has no split 'dev'; it has ['test', 'train']. Give --split one "
+            'of them') in bad.stderr
     # Output problems stop the run before the evaluation, whose results they would lose.
     (tmp_path / 'a_file').write_text('')
     for flags, message in [

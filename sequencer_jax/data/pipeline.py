@@ -128,10 +128,7 @@ def dataset_spec(config) -> DatasetSpec:
     splits = builder.info.splits
     eval_split = config.eval_split or next(
         (s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
-    num_eval = num_examples(splits, eval_split)
-    if num_eval is None:
-        raise ValueError(f'{builder.name} has no split {eval_split!r}; it has '
-                         f'{sorted(splits.keys())}. Set config.dataset.eval_split.')
+    num_eval = split_examples(builder, eval_split, 'Set config.dataset.eval_split.')
     label = builder.info.features[config.label_key]
     multi_label = isinstance(label, tfds.features.Sequence)
     class_label = label.feature if multi_label else label
@@ -141,6 +138,16 @@ def dataset_spec(config) -> DatasetSpec:
     return DatasetSpec(builder, config.train_split, eval_split, class_label.num_classes,
                        num_examples(splits, config.train_split) or 0, num_eval,
                        config.image_key, config.label_key, multi_label)
+
+
+def split_examples(builder, split: str | None, fix: str) -> int:
+    """Examples in ``split`` of ``builder``'s dataset; a ValueError naming its splits,
+    and ending with ``fix``, when it has no such split."""
+    count = num_examples(builder.info.splits, split)
+    if count is None:
+        raise ValueError(f'{builder.name} has no split {split!r}; it has '
+                         f'{sorted(builder.info.splits.keys())}. {fix}')
+    return count
 
 
 def num_examples(splits, split: str | None) -> int | None:
