@@ -178,8 +178,7 @@ def test_erf_cli(trained, data_dir, tmp_path):
         assert 'Traceback' not in bad.stderr
 
 
-def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path,
-                                                         capsys):
+def test_finetune_loads_backbone_and_reinitialises_head(trained, data_dir, tmp_path, capsys):
     source = final_params(trained)
     config = tiny_config(data_dir, steps=1, init_from=trained, **{'model.num_classes': 12})
     config.unlock()
