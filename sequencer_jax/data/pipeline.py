@@ -54,8 +54,13 @@ def manual_dir(config) -> str:
     return os.path.join(root, 'downloads', 'manual')
 
 
+def _base_name(name: str) -> str:
+    """The dataset of a TFDS name: 'cifar10' of 'cifar10:3.0.2' or of 'cifar10/config'."""
+    return name.split(':')[0].split('/')[0]
+
+
 def _check_manual_files(config) -> None:
-    if config.name.split(':')[0] != 'imagenet2012':
+    if _base_name(config.name) != 'imagenet2012':
         return
     folder = manual_dir(config)
     missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.exists(os.path.join(folder, f))]
@@ -73,11 +78,6 @@ def _check_key(builder, key: str, what: str) -> None:
         raise ValueError(f'{builder.name} has no feature {key!r} for the {what}; its '
                          f'features are {sorted(features.keys())}. Set '
                          f'config.dataset.{what}_key.')
-
-
-def _base_name(name: str) -> str:
-    """The dataset of a TFDS name: 'cifar10' of 'cifar10:3.0.2' or of 'cifar10/config'."""
-    return name.split(':')[0].split('/')[0]
 
 
 def unknown_dataset_message(name: str) -> str:
