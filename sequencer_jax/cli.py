@@ -19,11 +19,19 @@ OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'write the results here')
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``: a mistyped
     ``--config.KEY`` override is reported by name, with the nearest keys of the config,
-    instead of as ml_collections' bare AttributeError or KeyError from deep inside.
+    instead of as ml_collections' bare AttributeError or KeyError from deep inside, and
+    overrides without ``--config`` (which the CLIs reading a workdir may leave out) are
+    reported as such, not as unknown flags.
 
     Libraries' INFO logs are hidden unless ``--verbosity`` is given: orbax logs about 45
     lines per checkpoint save, which buried the progress lines (``--verbosity=0`` shows
     them again)."""
+    overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+    if overrides and not any(a == '--config' or a.startswith('--config=') for a in argv):
+        print(f'FATAL Flags parsing error: {", ".join(overrides)} change keys of --config, '
+              'which is not given; give it too (for the config a training run saved in its '
+              'workdir: --config=configs/workdir.py:DIR).', file=sys.stderr)
+        sys.exit(1)
     try:
         remaining = app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError):
@@ -78,6 +86,31 @@ def check_args(argv, **required) -> None:
     missing = [f'--{name}' for name, holder in required.items() if holder.value is None]
     if missing:
         raise app.UsageError(f'Missing required flag(s): {", ".join(missing)}.')
+
+
+def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.ConfigDict:
+    """``--config``, or without it the config that the training run in the directory
+    ``directory`` names last started with (``configs/workdir.py:DIR``; said on stdout).
+    ``example`` completes the error when there is neither, e.g. ``'--config=configs/
+    default.py for a new run'``."""
+    if CONFIG.value is not None:
+        return CONFIG.value
+    from sequencer_jax import config_defaults  # imports the model: after the flags
+    saved = storage.resolve(directory.value) / config_defaults.SAVED_CONFIG_FILE
+    if not saved.exists():
+        raise app.UsageError(f'Missing --config: --{directory.name}={directory.value} holds '
+                             f'no {saved.name} (the config a training run saves in its '
+                             f'workdir) to use instead; give {example}.')
+    try:
+        config = config_defaults.saved_config(directory.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    config.lock()
+    import jax
+    if jax.process_index() == 0:
+        print(f'Config: {saved}, the latest start of that run (to change keys: '
+              f'--config=configs/workdir.py:{directory.value} --config.KEY=VALUE)', flush=True)
+    return config
 
 
 def output_file(flag: flags.FlagHolder) -> epath.Path | None:

@@ -7,7 +7,11 @@ import json
 
 import ml_collections
 
+from sequencer_jax import storage
 from sequencer_jax.models.sequencer import RECURRENCES, Sequencer
+
+# In a training workdir: the config of the run's latest start (``to_json_best_effort``).
+SAVED_CONFIG_FILE = 'config.json'
 
 # Fields of Sequencer that are not options of a config's model: the class count comes
 # from model.num_classes or the dataset, the dtypes from compute_dtype.
@@ -191,12 +195,14 @@ def _training_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 def config_changes(before: dict, config: ml_collections.ConfigDict) -> list[str]:
     """``'key: old -> new'`` (dotted keys, JSON values) for every value that differs
-    between ``before`` (a config saved with ``to_json_best_effort``) and ``config``."""
+    between ``before`` (a config saved with ``to_json_best_effort``) and ``config``. A key
+    that is None on one side and absent on the other is no change: None means the default
+    (e.g. ``model.args``' options, which a config may give all or only some of)."""
     old, new = _flattened(before), _flattened(json.loads(config.to_json_best_effort()))
     changes = []
     for key in sorted(set(old) | set(new)):
         shown = [json.dumps(flat[key]) if key in flat else 'unset' for flat in (old, new)]
-        if shown[0] != shown[1]:
+        if shown[0] != shown[1] and set(shown) != {'null', 'unset'}:
             changes.append(f'{key}: {shown[0]} -> {shown[1]}')
     return changes
 
@@ -209,6 +215,52 @@ def _flattened(tree: dict, prefix: str = '') -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config the training run in ``workdir`` last started with, read from its
+    ``config.json``; ValueError if there is none or it cannot be read.
+
+    Typed as ``base_config``'s keys, so that the result is the config that was saved (its
+    JSON lists are tuples again) and every key can be overridden on the command line,
+    None-valued ones included (``configs/workdir.py`` serves it as a config file)."""
+    path = storage.resolve(workdir) / SAVED_CONFIG_FILE
+    if not path.exists():
+        raise ValueError(f'{workdir} has no {SAVED_CONFIG_FILE} (the config a training run '
+                         'saves in its workdir); give the directory of a training run, or '
+                         'the config file itself, e.g. --config=configs/imagenet.py.')
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); give the config file instead, '
+                         'e.g. --config=configs/imagenet.py.') from None
+    config = base_config()
+    _overlay(config, saved, path)
+    return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict, path, prefix: str = '') -> None:
+    """Sets ``saved``'s values (JSON) in ``config``, keeping the types of its fields."""
+    for key, value in saved.items():
+        current = config.get(key)
+        if isinstance(value, dict) and isinstance(current, ml_collections.ConfigDict):
+            _overlay(current, value, path, f'{prefix}{key}.')
+            continue
+        try:
+            config[key] = _tuples(value)
+        except TypeError as e:
+            raise ValueError(f'{path}: {prefix}{key}={value!r} does not fit the config ({e}); '
+                             'correct the file or give the config file instead.') from None
+
+
+def _tuples(value):
+    """A JSON value with its lists as tuples (what the config files use) and its objects as
+    ConfigDicts."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return ml_collections.ConfigDict({k: _tuples(v) for k, v in value.items()})
+    return value
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None,

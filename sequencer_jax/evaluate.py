@@ -6,8 +6,9 @@
         --plot=/tmp/sweep.png [--compare=/tmp/other_eval.json,...] [--crop_pct=1.0]
 
 ``--checkpoint`` is a training workdir (its newest checkpoint; the model comes from
-``--config``) or a directory written by ``python -m sequencer_jax.convert`` (the model
-comes from its model.json). The dataset, batch size and mesh come from ``--config``.
+``--config``, by default the run's own, ``configs/workdir.py:DIR``) or a directory written
+by ``python -m sequencer_jax.convert`` (the model comes from its model.json; give
+``--config``). The dataset, batch size and mesh come from the config.
 Every example of the split counts exactly once (padded, masked batches).
 """
 
@@ -101,8 +102,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv) -> None:
-    cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
-    config = cli.CONFIG.value
+    cli.check_args(argv, checkpoint=cli.CHECKPOINT)
+    config = cli.config_or_saved(cli.CHECKPOINT, 'the config that names the dataset to '
+                                 'evaluate on, e.g. --config=configs/imagenet.py')
     output_json = cli.output_file(cli.OUTPUT_JSON)
     plot = cli.output_file(_PLOT)
     if _COMPARE.value and not plot:

@@ -4,7 +4,8 @@
     python -m sequencer_jax.main --config=configs/imagenet.py:model=sequencer2d_l,mesh=fsdp \
         --workdir=gs://bucket/run --config.batch_size=2048
 
-Rerunning the same command resumes from the newest checkpoint in the workdir. On TPU
+Rerunning the same command resumes from the newest checkpoint in the workdir; so does
+``--workdir`` alone (the run's saved config, ``configs/workdir.py``). On TPU
 pods and SLURM clusters ``jax.distributed`` is initialised automatically; elsewhere pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` to every process.
 """
@@ -51,11 +52,13 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 
 
 def main(argv) -> None:
-    cli.check_args(argv, config=cli.CONFIG, workdir=_WORKDIR)
+    cli.check_args(argv, workdir=_WORKDIR)
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = cli.config_or_saved(_WORKDIR, 'the config of a new run, e.g. '
+                                 '--config=configs/default.py')
     from sequencer_jax.train import loop
     try:
-        loop.train_and_evaluate(cli.CONFIG.value, _WORKDIR.value)
+        loop.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 

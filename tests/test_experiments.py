@@ -18,7 +18,7 @@ import sequencer_jax as sj
 from sequencer_jax import convert
 from sequencer_jax.experiments import erf, linear_probe, resolution, robustness
 from sequencer_jax.train import loop, steps
-from test_train import ROOT, TINY_MODEL, final_params, load_config, tiny_config
+from test_train import ROOT, TINY_MODEL, final_params, load_config, losses, tiny_config
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -47,9 +47,11 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
             f'--config.dataset.data_dir={data_dir}',
             "--config.model.args={'layers': (1, 1, 1, 1), 'patch_sizes': (4, 2, 1, 1), "
             "'embed_dims': (16, 24, 24, 24), 'hidden_sizes': (4, 6, 6, 6)}"]
-    first = _run(args + ['--resolutions=24,32,40', f'--output_json={tmp_path / "a.json"}',
-                         '--label=tiny'])
+    # Without --config: the workdir's own (saved by training: the same as args).
+    first = _run(['sequencer_jax.evaluate', f'--checkpoint={trained}', '--resolutions=24,32,40',
+                  f'--output_json={tmp_path / "a.json"}', '--label=tiny'])
     assert first.returncode == 0, first.stderr[-3000:]
+    assert f'Config: {trained}/config.json, the latest start of that run' in first.stdout
     rows = json.loads((tmp_path / 'a.json').read_text())['rows']
     assert [r['resolution'] for r in rows] == [24, 32, 40]
     assert all(r['examples'] == 360 for r in rows)
@@ -59,8 +61,14 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
                           f'--compare={tmp_path / "a.json"}'])
     assert second.returncode == 0, second.stderr[-3000:]
     assert (tmp_path / 'plots' / 'sweep.png').read_bytes()[:8] == PNG_MAGIC
-    assert [r['resolution'] for r in json.loads((tmp_path / 'new' / 'b.json').read_text())[
-        'rows']] == [32, 48]
+    second_rows = json.loads((tmp_path / 'new' / 'b.json').read_text())['rows']
+    assert [r['resolution'] for r in second_rows] == [32, 48]
+    assert second_rows[0] == pytest.approx(rows[1], rel=1e-6)  # default.py's crop is 1.0
+    bad = _run(['sequencer_jax.evaluate', f'--checkpoint={tmp_path}'])
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+    assert (f'Missing --config: --checkpoint={tmp_path} holds no config.json (the config a '
+            'training run saves in its workdir) to use instead; give the config that names '
+            'the dataset to evaluate on, e.g. --config=configs/imagenet.py.') in bad.stderr
     bad = _run(args + ['--resolutions=30'])
     assert bad.returncode != 0 and 'divisible by the total stride 8' in bad.stderr
     bad = _run(args + ['--split=dev'])
@@ -82,6 +90,29 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
         assert 'Traceback' not in bad.stderr and 'top-1' not in bad.stdout
     assert not (tmp_path / 'c.png').exists()
 
+
+
+def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
+    workdir = tmp_path / 'resumed'
+    shutil.copytree(trained, workdir)
+    run = _run(['sequencer_jax.main', f'--config=configs/workdir.py:{workdir}',
+                f'--workdir={workdir}', '--config.num_train_steps=6'])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'Resuming from step 4' in run.stdout
+    assert 'Config changed since the last start: num_train_steps: 4 -> 6' in run.stdout
+    assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
+    new = tmp_path / 'new'
+    bad = _run(['sequencer_jax.main', f'--workdir={new}'])
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+    assert (f'Missing --config: --workdir={new} holds no config.json (the config a training '
+            'run saves in its workdir) to use instead; give the config of a new run, e.g. '
+            '--config=configs/default.py.') in bad.stderr
+    assert not new.exists()
+    bad = _run(['sequencer_jax.evaluate', f'--checkpoint={workdir}', '--config.batch_size=8'])
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+    assert ('--config.batch_size change keys of --config, which is not given; give it too (for '
+            'the config a training run saved in its workdir: --config=configs/workdir.py:DIR)'
+            ) in bad.stderr
 
 def test_resolution_plot_of_several_checkpoints(tmp_path):
     curves = [('a', [{'resolution': 224, 'top1': 0.8}, {'resolution': 160, 'top1': 0.7}]),
@@ -246,7 +277,7 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
     message = (f"config.init_from='{trained}' does not fit sequencer2d_s with "
                'config.model.args: its parameter stages_1_blocks_0/mlp_channels/fc1/bias is '
                "(72,), the model's (96,). Use the config (and variant) it was trained with, "
-               f'saved in {trained}/config.json.')
+               f'saved in {trained}/config.json (--config=configs/workdir.py:{trained}).')
     with pytest.raises(ValueError, match=re.escape(message)):
         loop.initial_params(wider, model, fresh)
     from sequencer_jax import evaluate

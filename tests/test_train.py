@@ -305,6 +305,7 @@ def test_default_main_job_learns_the_digits(data_dir, tmp_path):
 def test_config_changes_name_every_changed_added_and_dropped_key():
     saved = json.loads(load_config('default.py').to_json_best_effort())
     saved['old_key'] = 1
+    del saved['model']['args']['remat']  # None in config: the default either way
     config = load_config('default.py', 'mesh=fsdp')
     config.batch_size = 32
     assert config_defaults.config_changes(saved, config) == [
@@ -313,6 +314,44 @@ def test_config_changes_name_every_changed_added_and_dropped_key():
     del saved['old_key']
     assert config_defaults.config_changes(saved, load_config('default.py')) == []
 
+
+
+@pytest.mark.parametrize('filename, arg', [('default.py', None),
+                                           ('imagenet.py', 'model=sequencer2d_l,mesh=fsdp'),
+                                           ('finetune.py', 'task=oxford_flowers102')])
+def test_saved_config_is_the_config_that_was_saved(filename, arg, tmp_path):
+    config = load_config(filename, arg)
+    (tmp_path / 'config.json').write_text(config.to_json_best_effort(indent=1))
+    saved = load_config('workdir.py', str(tmp_path))
+    assert saved.to_dict() == config.to_dict()  # tuples stay tuples, None stays None
+    # Every key can still be set from the command line, None-valued ones included.
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ['prog', f'--config={ROOT}/configs/workdir.py:{tmp_path}', '--config.ema_decay=0.99',
+            '--config.num_train_steps=7', "--config.mesh=(('data', 2), ('fsdp', 4))",
+            '--config.model.args.remat=true']
+    holder = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=holder, lock_config=True,
+                                    sys_argv=argv)
+    holder(argv)
+    overridden = holder.config
+    assert (overridden.ema_decay, overridden.num_train_steps) == (0.99, 7)
+    assert overridden.mesh == (('data', 2), ('fsdp', 4)) and overridden.model.args.remat
+
+
+def test_saved_config_errors_say_what_to_give(tmp_path):
+    with pytest.raises(ValueError, match=f'{tmp_path} has no config.json .* give the '
+                                         'directory of a training run, or the config file'):
+        load_config('workdir.py', str(tmp_path))
+    with pytest.raises(ValueError, match=r'needs the workdir of a training run: '
+                                         r'--config=configs/workdir.py:DIR'):
+        load_config('workdir.py')
+    (tmp_path / 'config.json').write_text('{"batch_size": 8, "crop_pct": "wide"')
+    with pytest.raises(ValueError, match='config.json is not valid JSON'):
+        load_config('workdir.py', str(tmp_path))
+    (tmp_path / 'config.json').write_text('{"optimizer": {"b1": "high"}}')
+    with pytest.raises(ValueError, match="config.json: optimizer.b1='high' does not fit"):
+        load_config('workdir.py', str(tmp_path))
 
 def test_config_variants_and_errors():
     config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'

@@ -7,6 +7,8 @@ averaged over images. The map is drawn as ``log10(erf + 1)`` scaled to [0, 1].
 
     python -m sequencer_jax.experiments.erf --config=configs/imagenet.py \
         --checkpoint=DIR --num_images=50 --output=erf.png
+
+Without ``--config``, a training workdir's own config is used (``configs/workdir.py``).
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def compute_erf(config, checkpoint_dir: str, num_images: int, image_size: int) -
 
 
 def main(argv) -> None:
-    cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT)
-    config = cli.CONFIG.value
+    cli.check_args(argv, checkpoint=cli.CHECKPOINT)
+    config = cli.config_or_saved(cli.CHECKPOINT, 'the config whose evaluation split to '
+                                 'draw images from, e.g. --config=configs/imagenet.py')
     size = _IMAGE_SIZE.value or config.image_size
     output = cli.output_file(_OUTPUT)
     if output is None or output.suffix.lower() != '.png':

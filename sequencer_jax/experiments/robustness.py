@@ -3,6 +3,8 @@
     python -m sequencer_jax.experiments.robustness --config=configs/imagenet.py \
         --checkpoint=DIR --suite=imagenet_c [--output_json=c.json]
 
+Without ``--config``, a training workdir's own config is used (``configs/workdir.py``).
+
 Suites (TFDS names; each must be prepared in the TFDS data dir, several need a manual
 download, see the TFDS catalogue):
 
@@ -142,10 +144,12 @@ def run_suite(config, checkpoint_dir: str, suite: str) -> dict:
 
 
 def main(argv) -> None:
-    cli.check_args(argv, config=cli.CONFIG, checkpoint=cli.CHECKPOINT, suite=_SUITE)
+    cli.check_args(argv, checkpoint=cli.CHECKPOINT, suite=_SUITE)
+    config = cli.config_or_saved(cli.CHECKPOINT, 'the config of the model and the batch '
+                                 'size, e.g. --config=configs/imagenet.py')
     output_json = cli.output_file(cli.OUTPUT_JSON)
     try:
-        result = run_suite(cli.CONFIG.value, cli.CHECKPOINT.value, _SUITE.value)
+        result = run_suite(config, cli.CHECKPOINT.value, _SUITE.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if jax.process_index() != 0:

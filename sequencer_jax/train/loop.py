@@ -30,7 +30,6 @@ from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 METRICS_FILE = 'metrics.jsonl'
-CONFIG_FILE = 'config.json'  # the config of the run's latest start
 
 
 def build_model(config, num_classes: int):
@@ -257,8 +256,9 @@ def check_params_fit(loaded: Any, expected: Any, source: str | epath.Path, confi
     if difference is None:
         return
     name, saved, wanted = difference
-    saved_config = storage.resolve(source) / CONFIG_FILE
-    hint = f', saved in {saved_config}' if saved_config.exists() else ''
+    saved_config = storage.resolve(source) / config_defaults.SAVED_CONFIG_FILE
+    hint = f', saved in {saved_config} (--config=configs/workdir.py:{source})' \
+        if saved_config.exists() else ''
     raise ValueError(
         f'{what or source} does not fit {config.model.name} with config.model.args: its '
         f"parameter {name} is {saved}, the model's {wanted}. Use the config (and variant) "
@@ -268,7 +268,7 @@ def check_params_fit(loaded: Any, expected: Any, source: str | epath.Path, confi
 def config_changes_since_last_start(workdir: epath.Path, config) -> list[str]:
     """How ``config`` differs from the one the run in ``workdir`` last started with
     (``config.json``; see ``config_defaults.config_changes``); [] for a new workdir."""
-    path = workdir / CONFIG_FILE
+    path = workdir / config_defaults.SAVED_CONFIG_FILE
     if not path.exists():
         return []
     try:
@@ -341,8 +341,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                                              checkpoint.abstract_like(abstract, shardings))
     except checkpoint.StateMismatchError as e:
         since = f' Changed since its last start: {"; ".join(changes)}.' if changes else ''
-        raise ValueError(f'{e}.{since} Resume with the config the run was started with, or '
-                         'train in another --workdir.') from None
+        raise ValueError(f'{e}.{since} Resume with the config the run was started with '
+                         f'(--config=configs/workdir.py:{workdir}, or no --config), or train '
+                         'in another --workdir.') from None
     if restored is not None:
         state, meta = restored
         start_step = int(state.step)
@@ -360,7 +361,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
         start_step, examples_read = 0, 0
 
     if jax.process_index() == 0:
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
+        saved = workdir / config_defaults.SAVED_CONFIG_FILE
+        saved.write_text(config.to_json_best_effort(indent=1))
     batch_sharding = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
     mix = dict(mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
