@@ -429,6 +429,16 @@ def _cli(args, env_extra=None, timeout=600):
                           capture_output=True, text=True)
 
 
+
+def test_a_missing_train_split_stops_before_the_workdir_gets_anything(data_dir, tmp_path):
+    workdir = tmp_path / 'work'
+    config = tiny_config(data_dir, **{'dataset.train_split': 'trian'})
+    with pytest.raises(ValueError, match=re.escape(
+            "sklearn_digits has no examples in the train split 'trian'; it has ['test', "
+            "'train']. Set config.dataset.train_split.")):
+        loop.train_and_evaluate(config, str(workdir))
+    assert list(workdir.iterdir()) == []  # no checkpoints/, config.json or logs
+
 def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
     mini_imagenet.write_mini_imagenet(str(tmp_path / 'tfds' / 'downloads' / 'manual'),
                                       per_class=6)

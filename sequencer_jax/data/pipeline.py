@@ -195,6 +195,15 @@ def local_batch_size(global_batch: int, num_batch_shards: int) -> int:
     return global_batch // processes
 
 
+def check_train_split(spec: DatasetSpec) -> None:
+    """A ValueError naming the dataset's splits when its train split is missing or
+    empty (a misspelt ``config.dataset.train_split``, or an evaluation-only dataset)."""
+    if spec.num_train_examples == 0:
+        raise ValueError(f'{spec.builder.name} has no examples in the train split '
+                         f'{spec.train_split!r}; it has {sorted(spec.builder.info.splits)}. '
+                         'Set config.dataset.train_split.')
+
+
 def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: int = 0,
                   process_index: int | None = None, process_count: int | None = None
                   ) -> tf.data.Dataset:
@@ -204,10 +213,7 @@ def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: in
     ``start_example`` skips that many examples of this process's stream (for resume);
     the epochs before it are not read again.
     """
-    if spec.num_train_examples == 0:
-        raise ValueError(f'{spec.builder.name} has no examples in the train split '
-                         f'{spec.train_split!r}; it has {sorted(spec.builder.info.splits)}. '
-                         'Set config.dataset.train_split.')
+    check_train_split(spec)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     split = tfds.even_splits(spec.train_split, n=process_count,

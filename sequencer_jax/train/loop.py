@@ -313,6 +313,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 
 def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     spec = pipeline.dataset_spec(config.dataset)
+    pipeline.check_train_split(spec)  # now: before checkpoints/ and config.json are made
     num_classes = config.model.num_classes or spec.num_classes
     check_num_classes(num_classes, spec, 'config.model.num_classes')
     model = build_model(config, num_classes)
