@@ -265,6 +265,7 @@ def test_the_best_checkpoint_is_kept_by_its_metric(tmp_path, metric, values, bes
     for step, value in enumerate(values, start=1):
         checkpoint.save(manager, step, {'w': np.full(3, step, np.float32)}, {'step': step},
                         {metric: value})
+    manager.wait_until_finished()
     assert manager.all_steps() == sorted({best, len(values)})
     manager.close()
 

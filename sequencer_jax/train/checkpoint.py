@@ -27,15 +27,18 @@ def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
                  ) -> ocp.CheckpointManager:
     """A manager of ``<workdir>/checkpoints`` (local or ``gs://``) keeping the last ``keep``
     checkpoints and the best one by ``best_metric`` (the lowest for a loss, else the
-    highest)."""
+    highest). Its saves finish in the background: ``manager.wait_until_finished()`` (or
+    ``close()``) before relying on them."""
     policies = [policy_lib.LatestN(keep)]
     if best_metric:
         policies.append(policy_lib.BestN(
             get_metric_fn=lambda metrics: metrics[best_metric], n=1,
             reverse=best_metric.endswith('loss'), keep_checkpoints_without_metrics=False))
+    # Asynchronous: a save blocks training only while the state is copied to host memory
+    # (0.13-0.25 s instead of 1.5 s for Sequencer2D-S on a local disk, more on buckets).
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy_lib.AnyPreservationPolicy(policies), create=True,
-        cleanup_tmp_directories=True, enable_async_checkpointing=False)
+        cleanup_tmp_directories=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(storage.resolve(workdir) / CHECKPOINT_DIR, options=options,
                                  item_handlers=_item_handlers())
 
@@ -78,11 +81,11 @@ def open_read_only(workdir: str | epath.Path) -> ocp.CheckpointManager | None:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          metrics: dict[str, float] | None = None) -> None:
-    """Saves (all processes take part) and waits until it is on disk."""
+    """Starts saving (all processes take part): returns once ``state`` is copied to host
+    memory, so that training can go on (and donate it) while the files are written."""
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)),
                  metrics=metrics, force=True)
-    manager.wait_until_finished()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -452,11 +452,13 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                     if logged and config.best_metric in logged else None
                 save(step, best)
                 if stop_now and not is_last:
+                    manager.wait_until_finished()
                     print(f'Stopped ({stop.received or "another process"}): saved step '
                           f'{step}; rerun the same command to resume.', flush=True)
                     return final_metrics
             last_log_time = time.perf_counter() if eval_now or ckpt_now else last_log_time
     finally:
+        manager.close()  # after the save in flight, if any: on errors too
         progress.close()
         writer.close()
         stop.restore()
