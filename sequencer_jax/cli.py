@@ -30,7 +30,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if overrides and not any(a == '--config' or a.startswith('--config=') for a in argv):
         print(f'FATAL Flags parsing error: {", ".join(overrides)} change keys of --config, '
               'which is not given; give it too (for the config a training run saved in its '
-              'workdir: --config=configs/workdir.py:DIR).', file=sys.stderr)
+              'workdir: --config=configs/workdir.py:dir=DIR).', file=sys.stderr)
         sys.exit(1)
     try:
         remaining = app.parse_flags_with_usage(argv)
@@ -90,7 +90,7 @@ def check_args(argv, **required) -> None:
 
 def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.ConfigDict:
     """``--config``, or without it the config that the training run in the directory
-    ``directory`` names last started with (``configs/workdir.py:DIR``; said on stdout).
+    ``directory`` names last started with (``configs/workdir.py:dir=DIR``; said on stdout).
     ``example`` completes the error when there is neither, e.g. ``'--config=configs/
     default.py for a new run'``."""
     if CONFIG.value is not None:
@@ -109,7 +109,7 @@ def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.Co
     import jax
     if jax.process_index() == 0:
         print(f'Config: {saved}, the latest start of that run (to change keys: '
-              f'--config=configs/workdir.py:{directory.value} --config.KEY=VALUE)', flush=True)
+              f'--config=configs/workdir.py:dir={directory.value} --config.KEY=VALUE)', flush=True)
     return config
 
 

@@ -6,7 +6,7 @@
         --plot=/tmp/sweep.png [--compare=/tmp/other_eval.json,...] [--crop_pct=1.0]
 
 ``--checkpoint`` is a training workdir (its newest checkpoint; the model comes from
-``--config``, by default the run's own, ``configs/workdir.py:DIR``) or a directory written
+``--config``, by default the run's own, ``configs/workdir.py:dir=DIR``) or a directory written
 by ``python -m sequencer_jax.convert`` (the model comes from its model.json; give
 ``--config``). The dataset, batch size and mesh come from the config.
 Every example of the split counts exactly once (padded, masked batches).

@@ -95,7 +95,7 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
 def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     workdir = tmp_path / 'resumed'
     shutil.copytree(trained, workdir)
-    run = _run(['sequencer_jax.main', f'--config=configs/workdir.py:{workdir}',
+    run = _run(['sequencer_jax.main', f'--config=configs/workdir.py:dir={workdir}',
                 f'--workdir={workdir}', '--config.num_train_steps=6'])
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'Resuming from step 4' in run.stdout
@@ -111,7 +111,7 @@ def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     bad = _run(['sequencer_jax.evaluate', f'--checkpoint={workdir}', '--config.batch_size=8'])
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
     assert ('--config.batch_size change keys of --config, which is not given; give it too (for '
-            'the config a training run saved in its workdir: --config=configs/workdir.py:DIR)'
+            'the config a training run saved in its workdir: --config=configs/workdir.py:dir=DIR)'
             ) in bad.stderr
 
 def test_resolution_plot_of_several_checkpoints(tmp_path):
@@ -277,7 +277,7 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
     message = (f"config.init_from='{trained}' does not fit sequencer2d_s with "
                'config.model.args: its parameter stages_1_blocks_0/mlp_channels/fc1/bias is '
                "(72,), the model's (96,). Use the config (and variant) it was trained with, "
-               f'saved in {trained}/config.json (--config=configs/workdir.py:{trained}).')
+               f'saved in {trained}/config.json (--config=configs/workdir.py:dir={trained}).')
     with pytest.raises(ValueError, match=re.escape(message)):
         loop.initial_params(wider, model, fresh)
     from sequencer_jax import evaluate

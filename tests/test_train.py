@@ -323,12 +323,12 @@ def test_config_changes_name_every_changed_added_and_dropped_key():
 def test_saved_config_is_the_config_that_was_saved(filename, arg, tmp_path):
     config = load_config(filename, arg)
     (tmp_path / 'config.json').write_text(config.to_json_best_effort(indent=1))
-    saved = load_config('workdir.py', str(tmp_path))
+    saved = load_config('workdir.py', f'dir={tmp_path}')
     assert saved.to_dict() == config.to_dict()  # tuples stay tuples, None stays None
     # Every key can still be set from the command line, None-valued ones included.
     from absl import flags
     from ml_collections import config_flags
-    argv = ['prog', f'--config={ROOT}/configs/workdir.py:{tmp_path}', '--config.ema_decay=0.99',
+    argv = ['prog', f'--config={ROOT}/configs/workdir.py:dir={tmp_path}', '--config.ema_decay=0.99',
             '--config.num_train_steps=7', "--config.mesh=(('data', 2), ('fsdp', 4))",
             '--config.model.args.remat=true']
     holder = flags.FlagValues()
@@ -341,18 +341,21 @@ def test_saved_config_is_the_config_that_was_saved(filename, arg, tmp_path):
 
 
 def test_saved_config_errors_say_what_to_give(tmp_path):
+    variant = f'dir={tmp_path}'
     with pytest.raises(ValueError, match=f'{tmp_path} has no config.json .* give the '
                                          'directory of a training run, or the config file'):
-        load_config('workdir.py', str(tmp_path))
-    with pytest.raises(ValueError, match=r'needs the workdir of a training run: '
-                                         r'--config=configs/workdir.py:DIR'):
-        load_config('workdir.py')
+        load_config('workdir.py', variant)
+    for bad in (None, str(tmp_path), 'dir='):
+        with pytest.raises(ValueError, match=re.escape(
+                f'Bad config variant {bad!r}: configs/workdir.py needs the workdir of a '
+                'training run, --config=configs/workdir.py:dir=DIR.')):
+            load_config('workdir.py', bad)
     (tmp_path / 'config.json').write_text('{"batch_size": 8, "crop_pct": "wide"')
     with pytest.raises(ValueError, match='config.json is not valid JSON'):
-        load_config('workdir.py', str(tmp_path))
+        load_config('workdir.py', variant)
     (tmp_path / 'config.json').write_text('{"optimizer": {"b1": "high"}}')
     with pytest.raises(ValueError, match="config.json: optimizer.b1='high' does not fit"):
-        load_config('workdir.py', str(tmp_path))
+        load_config('workdir.py', variant)
 
 def test_config_variants_and_errors():
     config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'

@@ -257,7 +257,7 @@ def check_params_fit(loaded: Any, expected: Any, source: str | epath.Path, confi
         return
     name, saved, wanted = difference
     saved_config = storage.resolve(source) / config_defaults.SAVED_CONFIG_FILE
-    hint = f', saved in {saved_config} (--config=configs/workdir.py:{source})' \
+    hint = f', saved in {saved_config} (--config=configs/workdir.py:dir={source})' \
         if saved_config.exists() else ''
     raise ValueError(
         f'{what or source} does not fit {config.model.name} with config.model.args: its '
@@ -343,7 +343,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     except checkpoint.StateMismatchError as e:
         since = f' Changed since its last start: {"; ".join(changes)}.' if changes else ''
         raise ValueError(f'{e}.{since} Resume with the config the run was started with '
-                         f'(--config=configs/workdir.py:{workdir}, or no --config), or train '
+                         f'(--config=configs/workdir.py:dir={workdir}, or no --config), or train '
                          'in another --workdir.') from None
     if restored is not None:
         state, meta = restored
