@@ -276,8 +276,9 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
     fresh = model.init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))['params']
     message = (f"config.init_from='{trained}' does not fit sequencer2d_s with "
                'config.model.args: its parameter stages_1_blocks_0/mlp_channels/fc1/bias is '
-               "(72,), the model's (96,). Use the config (and variant) it was trained with, "
-               f'saved in {trained}/config.json (--config=configs/workdir.py:dir={trained}).')
+               "(72,), the model's (96,). Use the model it was trained with: config.model in "
+               f'{trained}/config.json (or that whole config: '
+               f'--config=configs/workdir.py:dir={trained}).')
     with pytest.raises(ValueError, match=re.escape(message)):
         loop.initial_params(wider, model, fresh)
     from sequencer_jax import evaluate

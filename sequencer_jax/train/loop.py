@@ -257,12 +257,12 @@ def check_params_fit(loaded: Any, expected: Any, source: str | epath.Path, confi
         return
     name, saved, wanted = difference
     saved_config = storage.resolve(source) / config_defaults.SAVED_CONFIG_FILE
-    hint = f', saved in {saved_config} (--config=configs/workdir.py:dir={source})' \
-        if saved_config.exists() else ''
+    advice = (f'Use the model it was trained with: config.model in {saved_config} (or that '
+              f'whole config: --config=configs/workdir.py:dir={source})'
+              if saved_config.exists() else 'Use the config (and variant) it was trained with')
     raise ValueError(
         f'{what or source} does not fit {config.model.name} with config.model.args: its '
-        f"parameter {name} is {saved}, the model's {wanted}. Use the config (and variant) "
-        f'it was trained with{hint}.')
+        f"parameter {name} is {saved}, the model's {wanted}. {advice}.")
 
 
 def config_changes_since_last_start(workdir: epath.Path, config) -> list[str]:
