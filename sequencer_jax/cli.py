@@ -28,9 +28,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     them again)."""
     overrides = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
     if overrides and not any(a == '--config' or a.startswith('--config=') for a in argv):
+        run_dir = next((a.split('=', 1)[1] for a in argv
+                        if a.startswith(('--workdir=', '--checkpoint='))), 'DIR')
         print(f'FATAL Flags parsing error: {", ".join(overrides)} change keys of --config, '
               'which is not given; give it too (for the config a training run saved in its '
-              'workdir: --config=configs/workdir.py:dir=DIR).', file=sys.stderr)
+              f'workdir: --config=configs/workdir.py:dir={run_dir}).', file=sys.stderr)
         sys.exit(1)
     try:
         remaining = app.parse_flags_with_usage(argv)

@@ -111,8 +111,8 @@ def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     bad = _run(['sequencer_jax.evaluate', f'--checkpoint={workdir}', '--config.batch_size=8'])
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
     assert ('--config.batch_size change keys of --config, which is not given; give it too (for '
-            'the config a training run saved in its workdir: --config=configs/workdir.py:dir=DIR)'
-            ) in bad.stderr
+            'the config a training run saved in its workdir: '
+            f'--config=configs/workdir.py:dir={workdir})') in bad.stderr
 
 def test_resolution_plot_of_several_checkpoints(tmp_path):
     curves = [('a', [{'resolution': 224, 'top1': 0.8}, {'resolution': 160, 'top1': 0.7}]),
