@@ -105,6 +105,14 @@ def test_failed_download_says_how_to_prepare_the_dataset_elsewhere(tmp_path, mon
         pipeline.dataset_spec(config.dataset)
 
 
+def test_a_data_dir_that_cannot_be_written_is_named_before_preparing(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    config = make_config('sklearn_digits', tmp_path / 'a_file' / 'tfds')
+    with pytest.raises(ValueError, match=re.escape(
+            f'Cannot create the TFDS data_dir (config.dataset.data_dir) {tmp_path}/a_file/tfds '
+            '([Errno 20] Not a directory')):
+        pipeline.dataset_spec(config.dataset)
+
 def test_corrupt_images_fail_clearly_or_are_skipped(tmp_path):
     mini_imagenet.write_mini_imagenet(str(tmp_path / 'downloads' / 'manual'), per_class=2,
                                       corrupt_train=1)

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sequencer_jax import storage
 from sequencer_jax.data import builders  # noqa: F401  (registers the embedded dataset)
 from sequencer_jax.data import transforms
 
@@ -105,6 +106,8 @@ def load_builder(config, prepare: bool = True):
         raise
     if prepare and not builder.is_prepared():
         _check_manual_files(config)
+        if _data_dir(config):  # where TFDS would fail with a bare OSError, or blame a download
+            storage.created_dir(_data_dir(config), 'the TFDS data_dir (config.dataset.data_dir)')
         print(f'Preparing TFDS dataset {builder.name} in {builder.data_dir} (first use only; '
               'ImageNet takes hours)...', flush=True)
         try:
