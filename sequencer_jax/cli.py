@@ -93,8 +93,7 @@ def check_args(argv, **required) -> None:
 def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.ConfigDict:
     """``--config``, or without it the config that the training run in the directory
     ``directory`` names last started with (``configs/workdir.py:dir=DIR``; said on stdout).
-    ``example`` completes the error when there is neither, e.g. ``'--config=configs/
-    default.py for a new run'``."""
+    ``example`` ends the error when there is neither: what to give as ``--config``."""
     if CONFIG.value is not None:
         return CONFIG.value
     from sequencer_jax import config_defaults  # imports the model: after the flags
