@@ -113,6 +113,7 @@ def test_a_data_dir_that_cannot_be_written_is_named_before_preparing(tmp_path):
             '([Errno 20] Not a directory')):
         pipeline.dataset_spec(config.dataset)
 
+
 def test_corrupt_images_fail_clearly_or_are_skipped(tmp_path):
     mini_imagenet.write_mini_imagenet(str(tmp_path / 'downloads' / 'manual'), per_class=2,
                                       corrupt_train=1)

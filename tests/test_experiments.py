@@ -91,7 +91,6 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     assert not (tmp_path / 'c.png').exists()
 
 
-
 def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     workdir = tmp_path / 'resumed'
     shutil.copytree(trained, workdir)
@@ -113,6 +112,7 @@ def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     assert ('--config.batch_size change keys of --config, which is not given; give it too (for '
             'the config a training run saved in its workdir: '
             f'--config=configs/workdir.py:dir={workdir})') in bad.stderr
+
 
 def test_resolution_plot_of_several_checkpoints(tmp_path):
     curves = [('a', [{'resolution': 224, 'top1': 0.8}, {'resolution': 160, 'top1': 0.7}]),

@@ -316,7 +316,6 @@ def test_config_changes_name_every_changed_added_and_dropped_key():
     assert config_defaults.config_changes(saved, load_config('default.py')) == []
 
 
-
 @pytest.mark.parametrize('filename, arg', [('default.py', None),
                                            ('imagenet.py', 'model=sequencer2d_l,mesh=fsdp'),
                                            ('finetune.py', 'task=oxford_flowers102')])
@@ -356,6 +355,7 @@ def test_saved_config_errors_say_what_to_give(tmp_path):
     (tmp_path / 'config.json').write_text('{"optimizer": {"b1": "high"}}')
     with pytest.raises(ValueError, match="config.json: optimizer.b1='high' does not fit"):
         load_config('workdir.py', variant)
+
 
 def test_config_variants_and_errors():
     config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'
@@ -433,7 +433,6 @@ def _cli(args, env_extra=None, timeout=600):
                           capture_output=True, text=True)
 
 
-
 def test_a_missing_train_split_stops_before_the_workdir_gets_anything(data_dir, tmp_path):
     workdir = tmp_path / 'work'
     config = tiny_config(data_dir, **{'dataset.train_split': 'trian'})
@@ -442,6 +441,7 @@ def test_a_missing_train_split_stops_before_the_workdir_gets_anything(data_dir, 
             "'train']. Set config.dataset.train_split.")):
         loop.train_and_evaluate(config, str(workdir))
     assert list(workdir.iterdir()) == []  # no checkpoints/, config.json or logs
+
 
 def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
     mini_imagenet.write_mini_imagenet(str(tmp_path / 'tfds' / 'downloads' / 'manual'),
