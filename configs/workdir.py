@@ -15,4 +15,9 @@ def get_config(arg=None):
     if key != 'dir' or not workdir:
         raise ValueError(f'Bad config variant {arg!r}: configs/workdir.py needs the workdir of '
                          'a training run, --config=configs/workdir.py:dir=DIR.')
-    return config_defaults.saved_config(workdir)
+    config = config_defaults.saved_config(workdir)
+    if config is None:
+        raise ValueError(f'{workdir} has no {config_defaults.SAVED_CONFIG_FILE} (the config a '
+                         'training run saves in its workdir); give the directory of a training '
+                         'run, or the config file itself, e.g. --config=configs/imagenet.py.')
+    return config

@@ -97,15 +97,15 @@ def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.Co
     if CONFIG.value is not None:
         return CONFIG.value
     from sequencer_jax import config_defaults  # imports the model: after the flags
-    saved = storage.resolve(directory.value) / config_defaults.SAVED_CONFIG_FILE
-    if not saved.exists():
-        raise app.UsageError(f'Missing --config: --{directory.name}={directory.value} holds '
-                             f'no {saved.name} (the config a training run saves in its '
-                             f'workdir) to use instead; give {example}.')
     try:
         config = config_defaults.saved_config(directory.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    saved = storage.resolve(directory.value) / config_defaults.SAVED_CONFIG_FILE
+    if config is None:
+        raise app.UsageError(f'Missing --config: --{directory.name}={directory.value} holds '
+                             f'no {saved.name} (the config a training run saves in its '
+                             f'workdir) to use instead; give {example}.')
     config.lock()
     import jax
     if jax.process_index() == 0:

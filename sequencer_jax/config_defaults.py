@@ -217,18 +217,17 @@ def _flattened(tree: dict, prefix: str = '') -> dict:
     return flat
 
 
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
+def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     """The config the training run in ``workdir`` last started with, read from its
-    ``config.json``; ValueError if there is none or it cannot be read.
+    ``config.json``; None if there is none (the caller says what to give instead),
+    ValueError if it cannot be read.
 
     Typed as ``base_config``'s keys, so that the result is the config that was saved (its
     JSON lists are tuples again) and every key can be overridden on the command line,
     None-valued ones included (``configs/workdir.py`` serves it as a config file)."""
     path = storage.resolve(workdir) / SAVED_CONFIG_FILE
     if not path.exists():
-        raise ValueError(f'{workdir} has no {SAVED_CONFIG_FILE} (the config a training run '
-                         'saves in its workdir); give the directory of a training run, or '
-                         'the config file itself, e.g. --config=configs/imagenet.py.')
+        return None
     try:
         saved = json.loads(path.read_text())
     except ValueError as e:
