@@ -23,3 +23,16 @@ require() {
     fi
   done
 }
+
+# set_config_flag: config_flag=(--config=$CONFIG), or no flag when CONFIG is unset: the
+# trainer then resumes the run in WORKDIR with the config saved there (or asks for one).
+# shellcheck disable=SC2034  # config_flag is read by the scripts that source this file
+set_config_flag() {
+  config_flag=()
+  if [[ -n "${CONFIG:-}" ]]; then
+    config_flag=(--config="${CONFIG}")
+  else
+    echo "CONFIG unset: resuming the run in ${WORKDIR} with the config saved there" \
+      "(set CONFIG to start a new run)" >&2
+  fi
+}

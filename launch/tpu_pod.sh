@@ -6,16 +6,17 @@
 #   CONFIG=configs/imagenet.py:model=sequencer2d_s,dtype=bfloat16 launch/tpu_pod.sh
 #
 # Environment: TPU_NAME, ZONE, ACCELERATOR_TYPE, PROJECT, WORKDIR (gs://), TFDS_DATA_DIR
-# (gs://, where imagenet2012 was prepared) are required; CONFIG (default
-# configs/imagenet.py), RUNTIME_VERSION (default tpu-ubuntu2204-base), REPO_URL (default:
-# this checkout's origin), BRANCH (default main), DRY_RUN=1 to print the gcloud commands.
+# (gs://, where imagenet2012 was prepared) are required; CONFIG (unset: resume the run in
+# WORKDIR with the config saved there), RUNTIME_VERSION (default tpu-ubuntu2204-base),
+# REPO_URL (default: this checkout's origin), BRANCH (default main), DRY_RUN=1 to print the
+# gcloud commands.
 # Extra arguments go to the trainer. jax.distributed initialises itself on TPU pods.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=launch/common.sh
 source "${here}/common.sh"
 require TPU_NAME ZONE ACCELERATOR_TYPE PROJECT WORKDIR TFDS_DATA_DIR
-config="${CONFIG:-configs/imagenet.py}"
+set_config_flag
 runtime="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 repo="${REPO_URL:-$(git -C "${here}" remote get-url origin 2>/dev/null || echo unset)}"
 branch="${BRANCH:-main}"
@@ -32,9 +33,9 @@ pip install -q -U 'jax[tpu]' && pip install -q -e ."
 run "${tpu[@]}" ssh "${TPU_NAME}" --worker=all --command="${install}"
 
 args=""
-for arg in "$@"; do
+for arg in "${config_flag[@]}" "$@"; do
   args+=" $(printf '%q' "${arg}")"
 done
 train="cd sequencer-jax && TFDS_DATA_DIR=${TFDS_DATA_DIR} python3 -m sequencer_jax.main \
---config=${config} --workdir=${WORKDIR}${args}"
+--workdir=${WORKDIR}${args}"
 run "${tpu[@]}" ssh "${TPU_NAME}" --worker=all --command="${train}"

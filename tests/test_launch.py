@@ -37,15 +37,32 @@ def test_gpu_host_dry_run():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ('+ python -m sequencer_jax.main '
                                      '--config=configs/default.py --workdir=/w --config.seed=3')
-    missing = _dry_run('gpu_host.sh', {'WORKDIR': '/w'})
-    assert missing.returncode == 2 and 'set CONFIG' in missing.stderr
+    missing = _dry_run('gpu_host.sh', {'CONFIG': 'configs/default.py'})
+    assert missing.returncode == 2 and 'set WORKDIR' in missing.stderr
+
+
+@pytest.mark.parametrize('script', ['gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh'])
+def test_without_config_the_trainer_resumes_the_workdirs_run(script):
+    env = dict(WORKDIR='/w', TPU_NAME='seq', ZONE='z', ACCELERATOR_TYPE='v4-8', PROJECT='p',
+               TFDS_DATA_DIR='gs://b/tfds', REPO_URL='https://h/r.git')
+    resumed = _dry_run(script, env)
+    assert resumed.returncode == 0, resumed.stderr
+    train = resumed.stdout.splitlines()[-1]
+    assert 'sequencer_jax.main' in train and '--workdir=/w' in train
+    assert '--config' not in train
+    assert 'CONFIG unset: resuming the run in /w' in resumed.stderr
+    started = _dry_run(script, env | {'CONFIG': 'configs/imagenet.py:model=sequencer2d_l'})
+    assert 'configs/imagenet.py:model=sequencer2d_l' in started.stdout.splitlines()[-1]
+    assert 'CONFIG unset' not in started.stderr
 
 
 def test_slurm_dry_run_per_node_and_per_gpu():
-    per_node = _dry_run('slurm.sbatch', {'WORKDIR': '/shared/w'})
+    env = {'WORKDIR': '/shared/w', 'CONFIG': 'configs/imagenet.py'}
+    per_node = _dry_run('slurm.sbatch', env)
     assert per_node.returncode == 0, per_node.stderr
-    assert per_node.stdout.startswith('+ srun --kill-on-bad-exit=1 python -m sequencer_jax.main')
-    per_gpu = _dry_run('slurm.sbatch', {'WORKDIR': '/shared/w', 'TASK_PER_GPU': '1'})
+    assert per_node.stdout.strip() == ('+ srun --kill-on-bad-exit=1 python -m sequencer_jax.main '
+                                       '--config=configs/imagenet.py --workdir=/shared/w')
+    per_gpu = _dry_run('slurm.sbatch', env | {'TASK_PER_GPU': '1'})
     assert 'CUDA_VISIBLE_DEVICES=' in per_gpu.stdout and '--workdir=/shared/w' in per_gpu.stdout
 
 
