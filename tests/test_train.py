@@ -252,6 +252,7 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
     metrics = loop.train_and_evaluate(tiny_config(data_dir, steps=8), workdir)
     out = capsys.readouterr().out
     assert 'Resuming from step 8' in out and 'evaluating it only' in out
+    assert f'--config=configs/workdir.py:dir={workdir} --config.num_train_steps=N' in out
     assert 0 <= metrics['eval/top1'] <= 1
 
 

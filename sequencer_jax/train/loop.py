@@ -400,9 +400,11 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
               f'for {total_steps} steps of {config.batch_size} images, mesh '
               f'{dict(mesh.shape)}, workdir {workdir}', flush=True)
         if start_step >= total_steps:
+            length = 'num_train_steps' if config.num_train_steps else 'num_epochs'
             print(f'The checkpoint is at step {start_step}, the end of these {total_steps} '
-                  'steps: evaluating it only (raise config.num_train_steps or num_epochs to '
-                  'train on).', flush=True)
+                  'steps: evaluating it only. To train on, give the run a longer length: '
+                  f'--config=configs/workdir.py:dir={workdir} --config.{length}=N (the '
+                  'learning-rate schedule then spans the new length).', flush=True)
 
     def save(step, metrics=None):
         meta = {'examples_per_process': step * local_batch, 'batch_size': config.batch_size,
