@@ -68,7 +68,8 @@ def test_slurm_dry_run_per_node_and_per_gpu():
 
 def test_tpu_pod_dry_run_creates_installs_and_trains():
     env = dict(TPU_NAME='seq', ZONE='us-central2-b', ACCELERATOR_TYPE='v4-32', PROJECT='p',
-               WORKDIR='gs://b/w', TFDS_DATA_DIR='gs://b/tfds', REPO_URL='https://h/r.git')
+               WORKDIR='gs://b/w', TFDS_DATA_DIR='gs://b/tfds', REPO_URL='https://h/r.git',
+               CONFIG='configs/imagenet.py:model=sequencer2d_s,dtype=bfloat16')
     result = _dry_run('tpu_pod.sh', env, '--config.batch_size=4096')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -76,6 +77,7 @@ def test_tpu_pod_dry_run_creates_installs_and_trains():
     assert 'create seq --accelerator-type=v4-32' in lines[0]
     assert '--worker=all' in lines[1] and 'jax\\[tpu\\]' in lines[1]
     assert 'sequencer_jax.main' in lines[2] and 'gs://b/w' in lines[2]
+    assert '--config=configs/imagenet.py:model=sequencer2d_s' in lines[2]
     assert 'batch_size=4096' in lines[2]
 
 
