@@ -56,11 +56,14 @@ def main(argv) -> None:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = cli.config_or_saved(_WORKDIR, 'the config of a new run, e.g. '
                                  '--config=configs/default.py')
-    from sequencer_jax.train import loop
+    from sequencer_jax.train import checkpoint, loop
     try:
         loop.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    except (loop.TrainingStopped, checkpoint.CheckpointSaveError) as e:
+        # Not a usage error (no flag help), and the message is the whole story.
+        raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

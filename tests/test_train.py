@@ -1,5 +1,6 @@
 """The training system on CPU with 8 fake devices: meshes, resume, multi-process, CLIs."""
 
+import errno
 import importlib.util
 import json
 import os
@@ -13,10 +14,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 import mini_imagenet
 from sequencer_jax import config_defaults
-from sequencer_jax.train import loop, mesh as mesh_lib
+from sequencer_jax.train import checkpoint, loop, mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_MODEL = dict(layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(16, 24, 24, 24),
@@ -281,12 +283,46 @@ def test_a_head_narrower_than_the_dataset_is_refused(data_dir, tmp_path):
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, steps=6, **{'optimizer.base_lr': 1e30,
                                                'optimizer.warmup_epochs': 0})
-    with pytest.raises(FloatingPointError, match=r'Non-finite training loss at step \d'):
+    with pytest.raises(loop.TrainingStopped, match=r'Non-finite training loss at step \d'):
         loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A save fails in the background (here its final rename, as on a full disk): training
+    stops by the next save at the latest, saying why and which checkpoint is kept."""
+    # Orbax's own rename of a finished checkpoint directory fails: a full disk or lost
+    # permissions cannot be made here portably (tests may run as root, on any filesystem).
+    from orbax.checkpoint._src.path import async_path
+    workdir = str(tmp_path / 'w')
+    rename = async_path.rename
+
+    async def full_disk_for_step_8(source, target):
+        if epath.Path(target).name == '8':
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return await rename(source, target)
+
+    monkeypatch.setattr(async_path, 'rename', full_disk_for_step_8)
+    config = tiny_config(data_dir, steps=16, checkpoint_every_steps=4)
+    message = (r'A checkpoint could not be written in \S+/checkpoints: \[Errno 28\] No space '
+               r'left on device\. Training stopped; the newest complete checkpoint there is step '
+               r'4\. Make room there \(or fix its permissions\) and rerun the same command to '
+               r'resume from it\.')
+    with pytest.raises(checkpoint.CheckpointSaveError, match=message):
+        loop.train_and_evaluate(config, workdir)
+    assert 8 < max(losses(workdir)) <= 12
+    with checkpoint.open_read_only(workdir) as manager:
+        assert manager.all_steps() == [4]
+    monkeypatch.setattr(async_path, 'rename', rename)
+    capsys.readouterr()
+    loop.train_and_evaluate(config, workdir)
+    assert 'Resuming from step 4' in capsys.readouterr().out
+    assert max(losses(workdir)) == 16
 
 
 def test_out_of_memory_errors_say_what_to_change():
     explained = loop._explain_runtime_error(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
+    assert isinstance(explained, loop.TrainingStopped)
     assert 'batch_size' in str(explained) and 'remat' in str(explained)
     other = ValueError('something else')
     assert loop._explain_runtime_error(other) is other

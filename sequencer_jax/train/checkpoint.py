@@ -8,9 +8,10 @@ position), the global batch size, and the metrics of that step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -21,6 +22,11 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_l
 from sequencer_jax import storage
 
 CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, lost permissions, bucket errors);
+    the message says why, which checkpoint is the newest complete one and how to resume."""
 
 
 def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
@@ -82,10 +88,56 @@ def open_read_only(workdir: str | epath.Path) -> ocp.CheckpointManager | None:
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          metrics: dict[str, float] | None = None) -> None:
     """Starts saving (all processes take part): returns once ``state`` is copied to host
-    memory, so that training can go on (and donate it) while the files are written."""
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)),
-                 metrics=metrics, force=True)
+    memory, so that training can go on (and donate it) while the files are written.
+    CheckpointSaveError if the previous save failed."""
+    with _save_errors_explained(manager):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)),
+                     metrics=metrics, force=True)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the save in flight, if any, is written; CheckpointSaveError if it
+    failed."""
+    with _save_errors_explained(manager):
+        manager.wait_until_finished()
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+    """CheckpointSaveError if the last save has failed, without waiting for one in
+    flight: a save fails in the background, and training should not run on for a whole
+    checkpoint interval whose result cannot be kept."""
+    if not manager.is_saving_in_progress():
+        wait(manager)
+
+
+def close(manager: ocp.CheckpointManager, raise_errors: bool = True) -> None:
+    """Waits for the save in flight and releases ``manager``. A failed save raises
+    CheckpointSaveError unless ``raise_errors`` is False (another error is already on its
+    way and must not be replaced)."""
+    try:
+        wait(manager)
+    except CheckpointSaveError:
+        if raise_errors:
+            raise
+    finally:
+        manager.close()  # orbax raises a save's error once: this close only releases
+
+
+@contextlib.contextmanager
+def _save_errors_explained(manager: ocp.CheckpointManager) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # Orbax has dropped the failed step by now: the latest step is a complete one.
+        latest = manager.latest_step()
+        kept = (f'the newest complete checkpoint there is step {latest}. Make room there (or '
+                'fix its permissions) and rerun the same command to resume from it'
+                if latest is not None else 'no checkpoint there is complete yet. Make room '
+                'there (or fix its permissions) and rerun the same command to start again')
+        raise CheckpointSaveError(f'A checkpoint could not be written in {manager.directory}: '
+                                  f'{cause}. Training stopped; {kept}.') from e
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -157,9 +157,14 @@ class StopFlag:
                 signal.signal(signum, previous)
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped for a reason its message explains: what happened, what is kept,
+    what to change (the CLI shows the message alone)."""
+
+
 def _explain_runtime_error(e: Exception) -> Exception:
     if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
-        return RuntimeError(
+        return TrainingStopped(
             'Out of memory in the train step. Lower config.batch_size, set '
             "config.model.args.remat=True (and scan_blocks=True), use "
             "config.compute_dtype='bfloat16', or shard parameters with mesh=fsdp. "
@@ -414,8 +419,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     sums, last_log_step, last_log_time = None, start_step, time.perf_counter()
     final_metrics: dict[str, float] = {}
     step = start_step
+    stopped = completed = False
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped:
             batch = next(train_iter)
             try:
                 state, metrics = train_step(state, batch, train_rng)
@@ -434,12 +440,13 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                 now = time.perf_counter()
                 logged = {f'train/{k}': float(v) / n for k, v in jax.device_get(sums).items()}
                 if not math.isfinite(logged['train/loss']):
-                    raise FloatingPointError(
+                    raise TrainingStopped(
                         f'Non-finite training loss at step {step} (mean over steps '
                         f'{last_log_step + 1}-{step}). The last good checkpoint (step '
                         f'{manager.latest_step()}) is kept in {workdir}. Lower '
                         'config.optimizer.base_lr, set config.optimizer.grad_clip_norm, or '
                         "use config.compute_dtype='float32'.")
+                checkpoint.check_saves(manager)
                 logged['train/lr'] = float(schedule(step - 1))
                 logged['train/images_per_s'] = n * config.batch_size / (now - last_log_time)
                 sums, last_log_step, last_log_time = None, step, now
@@ -453,17 +460,21 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                 best = {config.best_metric: logged[config.best_metric]} \
                     if logged and config.best_metric in logged else None
                 save(step, best)
-                if stop_now and not is_last:
-                    manager.wait_until_finished()
-                    print(f'Stopped ({stop.received or "another process"}): saved step '
-                          f'{step}; rerun the same command to resume.', flush=True)
-                    return final_metrics
+                stopped = stop_now and not is_last
             last_log_time = time.perf_counter() if eval_now or ckpt_now else last_log_time
+        if stopped:
+            checkpoint.wait(manager)
+            print(f'Stopped ({stop.received or "another process"}): saved step '
+                  f'{step}; rerun the same command to resume.', flush=True)
+        completed = True
     finally:
-        manager.close()  # after the save in flight, if any: on errors too
+        # After the save in flight, if any: on errors too, without hiding them.
+        checkpoint.close(manager, raise_errors=completed)
         progress.close()
         writer.close()
         stop.restore()
+    if stopped:
+        return final_metrics
     if not final_metrics and start_step >= total_steps:
         final_metrics = {'step': total_steps, **run_eval(state)}
     if jax.process_index() == 0 and final_metrics:
