@@ -280,11 +280,15 @@ def test_a_head_narrower_than_the_dataset_is_refused(data_dir, tmp_path):
         loop.train_and_evaluate(config, str(tmp_path))
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_dir, tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_says_what_is_kept(data_dir, tmp_path):
     config = tiny_config(data_dir, steps=6, **{'optimizer.base_lr': 1e30,
                                                'optimizer.warmup_epochs': 0})
-    with pytest.raises(loop.TrainingStopped, match=r'Non-finite training loss at step \d'):
+    with pytest.raises(loop.TrainingStopped, match=r'Non-finite training loss at step \d') as e:
         loop.train_and_evaluate(config, str(tmp_path))
+    # The first update already diverges, before the first checkpoint (step 2).
+    assert 'at step 2 ' in str(e.value)
+    assert 'No checkpoint was written before it. Lower' in str(e.value)
+    assert checkpoint.open_read_only(str(tmp_path)) is None
 
 
 def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir, tmp_path,

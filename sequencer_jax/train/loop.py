@@ -440,10 +440,12 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                 now = time.perf_counter()
                 logged = {f'train/{k}': float(v) / n for k, v in jax.device_get(sums).items()}
                 if not math.isfinite(logged['train/loss']):
+                    latest = manager.latest_step()
+                    kept = (f'The last good checkpoint (step {latest}) is kept in {workdir}'
+                            if latest is not None else 'No checkpoint was written before it')
                     raise TrainingStopped(
                         f'Non-finite training loss at step {step} (mean over steps '
-                        f'{last_log_step + 1}-{step}). The last good checkpoint (step '
-                        f'{manager.latest_step()}) is kept in {workdir}. Lower '
+                        f'{last_log_step + 1}-{step}). {kept}. Lower '
                         'config.optimizer.base_lr, set config.optimizer.grad_clip_norm, or '
                         "use config.compute_dtype='float32'.")
                 checkpoint.check_saves(manager)
