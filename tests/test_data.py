@@ -105,6 +105,34 @@ def test_failed_download_says_how_to_prepare_the_dataset_elsewhere(tmp_path, mon
         pipeline.dataset_spec(config.dataset)
 
 
+@pytest.mark.parametrize('failure', ['tensorflow', 'os'])
+def test_a_full_disk_while_preparing_says_so(tmp_path, monkeypatch, failure):
+    """TFDS wraps TensorFlow's write errors (as seen on a full tmpfs) in a RuntimeError;
+    Python's own writes raise OSError(ENOSPC). Neither is a download problem."""
+    import errno
+
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    def full_disk(self, *args, **kwargs):
+        if failure == 'os':
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        try:
+            raise tf.errors.ResourceExhaustedError(
+                None, None, 'sklearn_digits-train.tfrecord-00000-of-00001; No space left on device')
+        except tf.errors.ResourceExhaustedError as e:
+            raise RuntimeError(f'ResourceExhaustedError: Failed to finalize writing of split '
+                               f'"train": {e.message}') from e
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', full_disk)
+    config = make_config('sklearn_digits', tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            'Could not prepare TFDS dataset sklearn_digits in ' + str(tmp_path)) + r'\S*: the '
+            r'disk is full \(.*No space left on device\)\. Free space there, or set '
+            r'config\.dataset\.data_dir to a disk with room'):
+        pipeline.dataset_spec(config.dataset)
+
+
 def test_a_data_dir_that_cannot_be_written_is_named_before_preparing(tmp_path):
     (tmp_path / 'a_file').write_text('')
     config = make_config('sklearn_digits', tmp_path / 'a_file' / 'tfds')

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import os
 from typing import Any, Iterator
@@ -113,7 +114,16 @@ def load_builder(config, prepare: bool = True):
         try:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
-        except OSError as e:  # requests' connection errors are OSErrors too
+        except (OSError, RuntimeError, tf.errors.OpError) as e:
+            if _out_of_space(e):
+                # TFDS removes its incomplete folder on errors: nothing is left to clean.
+                raise ValueError(
+                    f'Could not prepare TFDS dataset {builder.name} in {builder.data_dir}: '
+                    f'the disk is full ({str(e).splitlines()[0]}). Free space there, or set '
+                    'config.dataset.data_dir to a disk with room for the prepared dataset '
+                    '(imagenet2012: about 156 GiB, besides the tars), and rerun.') from None
+            if not isinstance(e, OSError):  # requests' connection errors are OSErrors too
+                raise
             raise ValueError(
                 f'Could not prepare TFDS dataset {builder.name} in {builder.data_dir}: '
                 f'{type(e).__name__}: {e}. TFDS downloads it on first use; without internet '
@@ -121,6 +131,17 @@ def load_builder(config, prepare: bool = True):
                 '--data_dir=DIR), copy DIR here and set config.dataset.data_dir=DIR.') from None
         print(f'Prepared {builder.name}.', flush=True)
     return builder
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` or one it was raised from says the disk is full (TFDS wraps
+    TensorFlow's write errors in a RuntimeError)."""
+    while error is not None:
+        if getattr(error, 'errno', None) == errno.ENOSPC or \
+                'No space left on device' in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def dataset_spec(config) -> DatasetSpec:
