@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,6 +188,38 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     assert losses(tmp_path / 'resumed') == losses(tmp_path / 'straight')
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / 'straight'),
                  final_params(tmp_path / 'resumed'))
+
+
+@pytest.mark.parametrize('first', [False, True])
+def test_resume_with_scan_blocks_switched_goes_on_as_before(data_dir, tmp_path, capsys, first):
+    """Params, EMA and both Adam moments are converted between the unrolled and the
+    scanned block layouts: the steps after the checkpoint repeat the unswitched run's."""
+    workdir = tmp_path / 'run'
+    same = dict(drop_path_rate=0.0)  # drop path draws its keys per layout
+    config = tiny_config(data_dir, steps=6, ema_decay=0.9, keep_checkpoints=3,
+                         **{'model.args': dict(TINY_MODEL, scan_blocks=first, **same)})
+    loop.train_and_evaluate(config, str(workdir))
+    unswitched = losses(workdir)
+    unswitched_weights = loop.load_checkpoint_params(str(workdir))[:2]  # params, EMA
+    shutil.rmtree(workdir / 'checkpoints' / '6')
+    capsys.readouterr()
+    switched = tiny_config(data_dir, steps=6, ema_decay=0.9, keep_checkpoints=3,
+                           **{'model.args': dict(TINY_MODEL, scan_blocks=not first, **same)})
+    metrics = loop.train_and_evaluate(switched, str(workdir))
+    out = capsys.readouterr().out
+    assert (f'The checkpoint was written with scan_blocks={first}: its blocks are converted '
+            f'to scan_blocks={not first}.') in out
+    assert 'Resuming from step 4' in out
+    assert f'model.args.scan_blocks: {str(first).lower()} -> {str(not first).lower()}' in out
+    after = losses(workdir)
+    assert sorted(after) == list(range(1, 7))
+    np.testing.assert_allclose([after[5], after[6]], [unswitched[5], unswitched[6]],
+                               rtol=1e-5)
+    assert 'eval_ema/top1' in metrics
+    first_layout = loop.build_model(config, 10)
+    for before, now in zip(unswitched_weights, loop.load_checkpoint_params(str(workdir))):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     before, loop.match_layout(now, first_layout))
 
 
 def test_sigterm_or_a_first_ctrl_c_sets_the_stop_flag(capsys):

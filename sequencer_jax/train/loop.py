@@ -221,6 +221,33 @@ def match_layout(params: Any, model) -> Any:
     return params
 
 
+def _holds_blocks(tree: Any) -> bool:
+    """Whether ``tree`` is a params-shaped dict (params, EMA params, an optimizer
+    moment) holding the first stage's blocks in either layout."""
+    return isinstance(tree, dict) and ('stages_0_blocks' in tree or 'stages_0_blocks_0' in tree)
+
+
+def restore_in_other_block_layout(manager, model, init_state: Callable, rng, mesh, rules,
+                                  shardings) -> tuple[Any, dict] | None:
+    """The newest checkpoint written with the other ``scan_blocks`` layout than
+    ``model``'s, as (state, meta): its blocks converted to ``model``'s layout (params, EMA
+    and optimizer moments alike) and placed by ``shardings``; None if it does not fit
+    that layout either. ``init_state(rng, net=...)`` makes a new train state of a model."""
+    other = model.clone(scan_blocks=not model.scan_blocks)
+    abstract = jax.eval_shape(functools.partial(init_state, net=other), rng)
+    target = checkpoint.abstract_like(abstract, mesh_lib.tree_shardings(abstract, mesh, rules))
+    try:
+        restored = checkpoint.restore_latest(manager, target)
+    except checkpoint.StateMismatchError:
+        return None
+    if restored is None:
+        return None
+    state, meta = restored
+    state = jax.tree.map(lambda tree: match_layout(tree, model) if _holds_blocks(tree) else tree,
+                         state, is_leaf=_holds_blocks)
+    return jax.device_put(state, shardings), meta
+
+
 def initial_params(config, model, params: Any) -> tuple[Any, str]:
     """Loads ``config.init_from`` into ``params`` (fine-tuning); the classifier head is
     re-initialised when ``config.reinit_head`` or when its shape differs.
@@ -332,8 +359,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     use_ema = config.ema_decay is not None
     image_shape = (1, config.image_size, config.image_size, 3)
 
-    def init_state(rng):
-        params = model.init(rng, jnp.zeros(image_shape))['params']
+    def init_state(rng, net=model):
+        params = net.init(rng, jnp.zeros(image_shape))['params']
         return state_lib.create_train_state(params, tx, use_ema)
 
     root = jax.random.PRNGKey(config.seed)
@@ -346,10 +373,15 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
         restored = checkpoint.restore_latest(manager,
                                              checkpoint.abstract_like(abstract, shardings))
     except checkpoint.StateMismatchError as e:
-        since = f' Changed since its last start: {"; ".join(changes)}.' if changes else ''
-        raise ValueError(f'{e}.{since} Resume with the config the run was started with '
-                         f'(--config=configs/workdir.py:dir={workdir}, or no --config), or train '
-                         'in another --workdir.') from None
+        restored = restore_in_other_block_layout(manager, model, init_state, init_rng, mesh,
+                                                 config.param_rules, shardings)
+        if restored is None:
+            since = f' Changed since its last start: {"; ".join(changes)}.' if changes else ''
+            raise ValueError(f'{e}.{since} Resume with the config the run was started with '
+                             f'(--config=configs/workdir.py:dir={workdir}, or no --config), or '
+                             'train in another --workdir.') from None
+        print(f'The checkpoint was written with scan_blocks={not model.scan_blocks}: its '
+              f'blocks are converted to scan_blocks={model.scan_blocks}.', flush=True)
     if restored is not None:
         state, meta = restored
         start_step = int(state.step)
