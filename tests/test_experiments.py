@@ -112,6 +112,15 @@ def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     assert ('--config.batch_size change keys of --config, which is not given; give it too (for '
             'the config a training run saved in its workdir: '
             f'--config=configs/workdir.py:dir={workdir})') in bad.stderr
+    # A run that stops (here: diverging) says why in one line, without the flag help.
+    diverged = _run(['sequencer_jax.main', f'--config=configs/workdir.py:dir={workdir}',
+                     f'--workdir={workdir}', '--config.num_train_steps=8',
+                     '--config.optimizer.base_lr=1e30'])
+    assert diverged.returncode == 1, diverged.stderr[-3000:]
+    assert diverged.stderr.rstrip().splitlines()[-1].startswith(
+        'error: Non-finite training loss at step 8 (mean over steps 8-8). The last good '
+        f'checkpoint (step 6) is kept in {workdir}. Lower config.optimizer.base_lr')
+    assert 'Traceback' not in diverged.stderr and 'flags:' not in diverged.stderr
 
 
 def test_resolution_plot_of_several_checkpoints(tmp_path):
