@@ -226,10 +226,17 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     JSON lists are tuples again) and every key can be overridden on the command line,
     None-valued ones included (``configs/workdir.py`` serves it as a config file)."""
     path = storage.resolve(workdir) / SAVED_CONFIG_FILE
-    if not path.exists():
-        return None
     try:
-        saved = json.loads(path.read_text())
+        if not path.exists():
+            return None
+        text = path.read_text()
+    except Exception as e:  # noqa: BLE001 - each storage backend (gs://) has its own errors
+        cause = str(e).splitlines()[0] if str(e) else ''
+        raise ValueError(f'Cannot read {path} ({type(e).__name__}: {cause}); check that it is '
+                         'a readable file (for gs://: your credentials and network), or give '
+                         'the config file instead, e.g. --config=configs/imagenet.py.') from None
+    try:
+        saved = json.loads(text)
     except ValueError as e:
         raise ValueError(f'{path} is not valid JSON ({e}); give the config file instead, '
                          'e.g. --config=configs/imagenet.py.') from None

@@ -429,6 +429,14 @@ def test_saved_config_errors_say_what_to_give(tmp_path):
     (tmp_path / 'config.json').write_text('{"optimizer": {"b1": "high"}}')
     with pytest.raises(ValueError, match="config.json: optimizer.b1='high' does not fit"):
         load_config('workdir.py', variant)
+    # Unreadable (as a bucket without credentials would be): named, with what to give.
+    (tmp_path / 'config.json').unlink()
+    (tmp_path / 'config.json').mkdir()
+    with pytest.raises(ValueError, match=re.escape(
+            f'Cannot read {tmp_path}/config.json (IsADirectoryError: ') + r'.*\); check that '
+            r'it is a readable file \(for gs://: your credentials and network\), or give the '
+            r'config file instead'):
+        load_config('workdir.py', variant)
 
 
 def test_config_variants_and_errors():
