@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_image_size = ml_collections.FieldReference(None, field_type=int)  # None: same
     config.crop_pct = 0.875
     config.batch_size = 1024  # global
+    # Micro-batches per step: the same update with 1/N of the activation memory, N x slower.
+    config.grad_accum_steps = 1
     config.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: same
     config.num_epochs = 300
     config.num_train_steps = ml_collections.FieldReference(None, field_type=int)  # overrides
@@ -129,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
 # a None that a FieldReference allows means "use the default" and is not tested.
 _RANGES = (
     ('batch_size', lambda v: v >= 1, 'at least 1'),
+    ('grad_accum_steps', lambda v: v >= 1, 'at least 1'),
     ('eval_batch_size', lambda v: v >= 1, 'at least 1 (or None: batch_size)'),
     ('image_size', lambda v: v >= 1, 'at least 1'),
     ('eval_image_size', lambda v: v >= 1, 'at least 1 (or None: image_size)'),

@@ -47,6 +47,40 @@ def test_train_step_with_mixing_reduces_loss():
     assert np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5])
 
 
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
+    """Micro-batches of 8 and 4 (sharded over 8 devices, 1 and 2 rows each) give the
+    update of the whole batch of 16 at once, mixing included (drawn for the whole batch);
+    the model has no dropout, so only the order of the sums differs."""
+    model = sj.create_model('sequencer2d_s', num_classes=4, **TINY)
+    rng = np.random.RandomState(0)
+    batch = {'image': jnp.asarray(rng.randn(16, 28, 28, 3), jnp.float32),
+             'label': jnp.asarray(np.arange(16) % 4)}
+    params = model.init(jax.random.PRNGKey(0), batch['image'])['params']
+    head = params['head']['kernel']  # zero-initialised: every prediction would be class 0
+    params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(2), head.shape)
+    # Plain SGD: the update is the gradient itself (Adam's first step, g / (|g| + eps), would
+    # blow up float noise in the near-zero gradients of the zero-initialised head).
+    tx = optax.sgd(0.1)
+    state = state_lib.create_train_state(params, tx, use_ema=True)
+    mix = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('data',))
+    sharded = jax.device_put(batch, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec('data')))
+    results = []
+    for accum_steps, inputs in ((1, batch), (2, sharded), (4, sharded)):
+        step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.9,
+                                         mix=mix, accum_steps=accum_steps))
+        results.append(step(state, inputs, jax.random.PRNGKey(1)))
+    (whole, whole_metrics), *accumulated = results
+    for new_state, metrics in accumulated:
+        assert int(new_state.step) == 1
+        for key in ('loss', 'grad_norm'):
+            np.testing.assert_allclose(metrics[key], whole_metrics[key], rtol=1e-5)
+        assert float(metrics['top1']) == float(whole_metrics['top1'])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     new_state, whole)
+
+
 def test_weight_decay_mask_spares_biases_and_norms():
     model = sj.create_model('sequencer2d_s', num_classes=4, **TINY)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))['params']

@@ -439,6 +439,21 @@ def test_saved_config_errors_say_what_to_give(tmp_path):
         load_config('workdir.py', variant)
 
 
+def test_grad_accumulation_trains_and_must_split_each_devices_share(data_dir, tmp_path):
+    # 32 images, 4 per device (data and fsdp both split the batch): 4 micro-batches.
+    config = tiny_config(data_dir, steps=2, batch_size=32, grad_accum_steps=4,
+                         mesh=[('data', 2), ('fsdp', 4)])
+    metrics = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert sorted(losses(tmp_path / 'run')) == [1, 2] and 0 <= metrics['eval/top1'] <= 1
+    on_8 = tiny_config(data_dir, steps=2, grad_accum_steps=3, mesh=[('data', 8), ('fsdp', 1)])
+    with pytest.raises(ValueError, match=re.escape(
+            "config.grad_accum_steps=3 must divide each device's share of the batch, 16 / 8 "
+            'batch shards = 2 images; use one of [1, 2], or a config.batch_size that 3 x 8 '
+            'divides.')):
+        loop.train_and_evaluate(on_8, str(tmp_path / 'refused'))
+    assert not (tmp_path / 'refused').exists()
+
+
 def test_config_variants_and_errors():
     config = load_config('imagenet.py', 'model=sequencer2d_l,mesh=4x2,dtype=bfloat16,'
                                          'remat=true,recurrence=pallas')

@@ -323,6 +323,19 @@ def evaluate(params: Any, dataset_fn: Callable[[], tuple[Any, int]], eval_fn) ->
             'loss': totals['loss_sum'] / count}
 
 
+def check_grad_accumulation(batch_size: int, num_batch_shards: int, accum_steps: int) -> None:
+    """ValueError unless every device's share of the batch splits into ``accum_steps``
+    equal micro-batches (before the dataset is prepared: hours for ImageNet)."""
+    share = batch_size // num_batch_shards
+    if batch_size % num_batch_shards == 0 and share % accum_steps:
+        divisors = [d for d in range(1, share + 1) if share % d == 0]
+        raise ValueError(
+            f'config.grad_accum_steps={accum_steps} must divide each device\'s share of the '
+            f'batch, {batch_size} / {num_batch_shards} batch shards = {share} images; use one '
+            f'of {divisors}, or a config.batch_size that {accum_steps} x {num_batch_shards} '
+            'divides.')
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
@@ -336,8 +349,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         model._check_input(jnp.zeros((1, size, size, 3)))
     if config.init_from:
         checked_checkpoint_source(config.init_from)
-    workdir = storage.created_dir(workdir, 'the workdir')
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    check_grad_accumulation(config.batch_size, mesh_lib.num_batch_shards(mesh),
+                            config.grad_accum_steps)
+    workdir = storage.created_dir(workdir, 'the workdir')
     # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
     with jax.set_mesh(mesh):
         return _train_and_evaluate(config, workdir, mesh)
@@ -408,7 +423,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     options = xla_options.compiler_options()
     train_step = jax.jit(
         functools.partial(steps.train_step, model=model, tx=tx, mix=mix,
-                          ema_decay=config.ema_decay),
+                          ema_decay=config.ema_decay, accum_steps=config.grad_accum_steps),
         in_shardings=(shardings, batch_sharding, repl), out_shardings=(shardings, repl),
         donate_argnums=0, compiler_options=options)
     eval_step = jax.jit(functools.partial(steps.eval_step, model=model),

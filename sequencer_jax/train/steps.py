@@ -21,8 +21,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation,
-               mix: dict[str, float] | None = None,
-               ema_decay: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               mix: dict[str, float] | None = None, ema_decay: float | None = None,
+               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step, with mixup/cutmix and label smoothing on device.
 
     Args:
@@ -33,6 +33,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       mix: keyword arguments of ``mixing.mix_batch`` (``mixup_alpha``, ``cutmix_alpha``,
         ``switch_prob``, ``smoothing``); None trains on plain one-hot labels.
       ema_decay: update ``state.ema_params`` with this decay when EMA is enabled.
+      accum_steps: the batch's gradient is summed over this many micro-batches of
+        ``B / accum_steps`` examples, one after another (activation memory of a
+        micro-batch), for the same update as the whole batch at once. Micro-batch ``i`` is
+        rows ``i, i + accum_steps, ...``: on a batch sharded over devices, every device
+        keeps working on its own rows.
 
     Returns:
       The new state and scalar metrics ``loss``, ``top1`` (against the unmixed labels)
@@ -45,12 +50,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                                        **(mix or dict(mixup_alpha=0.0, cutmix_alpha=0.0,
                                                       smoothing=0.0)))
 
-    def loss_fn(params):
-        logits = model.apply({'params': params}, images, train=True,
-                             rngs={'dropout': dropout_rng})
+    def loss_fn(params, images, targets, rng):
+        logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
         return cross_entropy(logits, targets), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (loss, logits), grads = grad_fn(state.params, images, targets, dropout_rng)
+    else:
+        def accumulate(total, micro):
+            (loss, logits), grads = grad_fn(state.params, *micro)
+            return jax.tree.map(jnp.add, total, grads), (loss, logits)
+
+        # [B, ...] -> [accum_steps, B / accum_steps, ...], micro-batch i = rows i::accum_steps.
+        split = lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1)  # noqa: E731
+        keys = jax.random.split(dropout_rng, accum_steps)
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, logits) = jax.lax.scan(accumulate, zeros,
+                                               (split(images), split(targets), keys))
+        grads = jax.tree.map(lambda g: g / accum_steps, grads)
+        loss = jnp.mean(losses)
+        logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
