@@ -213,8 +213,9 @@ def _abstract_inputs(model, batch_size: int, image_size: int, device: jax.Device
 
 def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
                   iters: int, train: bool = True, timed: bool = True,
-                  device: jax.Device | None = None) -> dict[str, Any]:
-    """Compile time, images/s and memory of our forward and train step.
+                  device: jax.Device | None = None, accum_steps: int = 1) -> dict[str, Any]:
+    """Compile time, images/s and memory of our forward and train step (its gradient
+    summed over ``accum_steps`` micro-batches, see ``steps.train_step``).
 
     With ``timed=False`` only compiles: compile times and XLA's memory estimate, e.g.
     to check that a large configuration fits a device's memory before renting one. With
@@ -257,8 +258,8 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
             lambda p: (state_lib.create_train_state(p, tx), jax.random.PRNGKey(1)), params),
             device)
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                     mix=dict(MIXING)), donate_argnums=0,
-                   compiler_options=options)
+                                     mix=dict(MIXING), accum_steps=accum_steps),
+                   donate_argnums=0, compiler_options=options)
     batch = {'image': images, 'label': labels}
     start = time.perf_counter()
     compiled_step = step.lower(state, batch, key).compile()
@@ -497,6 +498,9 @@ def main(argv=None) -> dict[str, Any]:
                         help='also measure timm (needs torch and timm installed)')
     parser.add_argument('--threads', type=arguments.at_least(1), default=None,
                         help='torch intra-op threads (default: all cores, as XLA uses)')
+    parser.add_argument('--grad-accum-steps', type=arguments.at_least(1), default=1,
+                        help='the train step sums its gradient over this many micro-batches '
+                             '(config.grad_accum_steps); must divide --batch-size')
     parser.add_argument('--model-args', default='{}',
                         help='JSON overrides, e.g. \'{"scan_blocks": true, "unroll": 2}\'')
     parser.add_argument('--json', default=None, help='also write the results here')
@@ -526,6 +530,12 @@ def main(argv=None) -> dict[str, Any]:
         parser.exit(2, f'error: {e}\n')
     if args.compile_only and args.compare_timm:
         parser.exit(2, 'error: --compile-only measures no speed; drop --compare-timm.\n')
+    if args.grad_accum_steps > 1 and (args.compare_timm or args.forward_only):
+        parser.exit(2, 'error: --grad-accum-steps changes only our train step; drop '
+                       '--compare-timm and --forward-only.\n')
+    if args.batch_size % args.grad_accum_steps:
+        parser.exit(2, f'error: --grad-accum-steps {args.grad_accum_steps} must divide '
+                       f'--batch-size {args.batch_size}.\n')
     if args.compare_timm:
         try:
             import timm  # noqa: F401
@@ -553,7 +563,7 @@ def main(argv=None) -> dict[str, Any]:
     results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
                                              args.warmup, args.reps, args.iters,
                                              not args.forward_only, not args.compile_only,
-                                             device)
+                                             device, args.grad_accum_steps)
     shapes = dense_shapes(model, args.batch_size, args.image_size) if args.gemm else []
     if args.gemm:  # XLA's side before torch runs anything (see benchmark_gemm)
         results['gemm'] = benchmark_gemm(shapes, args.dtype, args.reps, 'xla')

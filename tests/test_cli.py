@@ -75,11 +75,25 @@ def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
             (['--reps', '0'], 'argument --reps: must be at least 1, got 0'),
             (['--warmup', 'two'], "argument --warmup: 'two' is not an integer"),
             (['--peak-tflops', '-5'], 'argument --peak-tflops: must be a positive number'),
+            (['--grad-accum-steps', '3'], '--grad-accum-steps 3 must divide --batch-size 8'),
+            (['--grad-accum-steps', '2', '--compare-timm'], 'changes only our train step'),
             (['--json', str(tmp_path / 'a_file' / 'b.json')],
              f'Cannot create the output directory {tmp_path / "a_file"}')]:
         with pytest.raises(SystemExit) as err:
             benchmark.main(argv)
         assert err.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_benchmark_grad_accumulation_cuts_the_train_steps_memory():
+    """XLA's estimate of the train step's memory falls with 4 micro-batches."""
+    estimates = []
+    for accum in ('1', '4'):
+        results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '16',
+                                  '--image-size', '56', '--num-classes', '5', '--model-args',
+                                  TINY_ARGS, '--compile-only', '--grad-accum-steps', accum])
+        estimates.append(results['sequencer_jax']['train']['memory']['xla_estimate_mib'])
+        assert results['config']['grad_accum_steps'] == int(accum)
+    assert estimates[1] < 0.75 * estimates[0]  # 0.52 here
 
 
 CUDA_PLUGIN = (importlib.util.find_spec('jax_plugins') is not None
