@@ -124,6 +124,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.requires_init_from = False  # True: training refuses to start without init_from
     config.reinit_head = False  # True: a fresh head even where init_from's head fits
     config.progress = 'auto'  # 'bar' on a terminal, else 'lines'; or force one
+    # A JAX profiler trace of the num_steps steps after start_step (None: none) in
+    # WORKDIR/tensorboard, for TensorBoard's Profile tab or ui.perfetto.dev; python_tracer
+    # adds every Python call (host overhead, input pipeline) to a ~40x larger trace.
+    config.profile = ml_collections.ConfigDict(dict(
+        start_step=ml_collections.FieldReference(None, field_type=int),
+        num_steps=5,
+        python_tracer=False,
+    ))
     return config
 
 
@@ -153,6 +161,8 @@ _RANGES = (
     ('eval_every_steps', lambda v: v >= 1, 'at least 1'),
     ('checkpoint_every_steps', lambda v: v >= 1, 'at least 1'),
     ('keep_checkpoints', lambda v: v >= 1, 'at least 1'),
+    ('profile.start_step', lambda v: v >= 0, 'non-negative (or None: no profile)'),
+    ('profile.num_steps', lambda v: v >= 1, 'at least 1'),
 )
 
 

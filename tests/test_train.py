@@ -3,6 +3,7 @@
 import errno
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import re
@@ -357,6 +358,52 @@ def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir,
     assert max(losses(workdir)) == 16
 
 
+def _traced_train_steps(logdir):
+    """The number of train steps dispatched in each trace under ``logdir`` (the nested
+    events of one dispatch count once), and whether any trace holds Python calls."""
+    counts, python_calls = [], False
+    for path in sorted(pathlib.Path(logdir).glob('plugins/profile/*/*.xplane.pb')):
+        host = jax.profiler.ProfileData.from_file(str(path)).find_plane_with_name('/host:CPU')
+        events = [e for line in host.lines for e in line.events]
+        python_calls |= any(e.name.startswith('$') for e in events)  # the Python tracer's
+        spans = sorted((e.start_ns, e.end_ns) for e in events
+                       if e.name == 'PjitFunction(train_step)')
+        count, end = 0, -math.inf
+        for start, stop in spans:
+            count, end = (count + 1, stop) if start >= end else (count, end)
+        counts.append(count)
+    return counts, python_calls
+
+
+def test_a_profile_traces_the_chosen_steps_and_never_stops_training(data_dir, tmp_path,
+                                                                    capsys, monkeypatch):
+    workdir = tmp_path / 'w'
+    config = tiny_config(data_dir, steps=6, **{'profile.start_step': 2, 'profile.num_steps': 3})
+    loop.train_and_evaluate(config, str(workdir))
+    out = capsys.readouterr().out
+    assert f'Profiling steps 3-5 into {workdir}/tensorboard' in out
+    assert f'Profile written to {workdir}/tensorboard/plugins/profile' in out
+    assert _traced_train_steps(workdir / 'tensorboard') == ([3], False)
+    # Resumed past the window: no second trace.
+    loop.train_and_evaluate(tiny_config(data_dir, steps=8, **{'profile.start_step': 2}),
+                            str(workdir))
+    assert ('Not profiling: config.profile.start_step=2 is outside the steps this run trains '
+            '(6-8).') in capsys.readouterr().out
+    assert _traced_train_steps(workdir / 'tensorboard') == ([3], False)
+
+    def profiler_busy(logdir, **options):
+        raise RuntimeError('Profile has already been started.')
+
+    monkeypatch.setattr(jax.profiler, 'start_trace', profiler_busy)
+    other = tmp_path / 'other'
+    loop.train_and_evaluate(tiny_config(data_dir, steps=4, **{'profile.start_step': 0}),
+                            str(other))
+    assert (f'Warning: the JAX profiler could not start the trace in {other}/tensorboard '
+            '(RuntimeError: Profile has already been started.); training goes on without '
+            'it.') in capsys.readouterr().out
+    assert max(losses(other)) == 4
+
+
 def test_out_of_memory_errors_say_what_to_change():
     explained = loop._explain_runtime_error(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
     assert isinstance(explained, loop.TrainingStopped)
@@ -508,7 +555,9 @@ def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_p
                              ({'best_metric': 'eval/acc'}, "config.best_metric='eval/acc' must "
                               "be one of \\['eval/top1'"),
                              ({'best_metric': 'eval_ema/top1'}, 'needs EMA weights'),
-                             ({'eval_image_size': 36}, 'divisible by the total stride 8')]:
+                             ({'eval_image_size': 36}, 'divisible by the total stride 8'),
+                             ({'profile.num_steps': 0},
+                              'config.profile.num_steps=0 must be at least 1')]:
         with pytest.raises(ValueError, match=error):
             loop.train_and_evaluate(tiny_config(str(tmp_path), **overrides), str(workdir))
     assert not workdir.exists()

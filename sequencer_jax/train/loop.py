@@ -26,10 +26,12 @@ from jax.experimental import multihost_utils
 from sequencer_jax import config_defaults, convert, storage, xla_options
 from sequencer_jax.data import pipeline
 from sequencer_jax.models import registry
-from sequencer_jax.train import checkpoint, mesh as mesh_lib, state as state_lib, steps
+from sequencer_jax.train import checkpoint, mesh as mesh_lib, profiling, state as state_lib
+from sequencer_jax.train import steps
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'  # also holds profiler traces
 
 
 def build_model(config, num_classes: int):
@@ -58,7 +60,7 @@ class MetricWriter:
                 if len(kept) < len(lines):
                     metrics_file.write_text(''.join(kept))
             self._jsonl = metrics_file.open('a')
-            self._tb = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
+            self._tb = tf.summary.create_file_writer(str(workdir / TENSORBOARD_DIR))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self._active:
@@ -447,6 +449,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     writer = MetricWriter(workdir, start_step)
     progress = Progress(config.progress, start_step, total_steps)
     stop = StopFlag()
+    profiler = profiling.StepProfiler(str(workdir / TENSORBOARD_DIR), **config.profile,
+                                      first_step=start_step, total_steps=total_steps)
     if jax.process_index() == 0:
         print(f'Training {config.model.name} ({num_classes} classes) on {spec.builder.name} '
               f'for {total_steps} steps of {config.batch_size} images, mesh '
@@ -469,12 +473,14 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
     stopped = completed = False
     try:
         while step < total_steps and not stopped:
+            profiler.before_step(step)
             batch = next(train_iter)
             try:
                 state, metrics = train_step(state, batch, train_rng)
             except jax.errors.JaxRuntimeError as e:
                 raise _explain_runtime_error(e) from e
             step += 1
+            profiler.after_step(step, state)
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             is_last = step == total_steps
             log_now = step % config.log_every_steps == 0 or is_last
@@ -518,6 +524,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
         completed = True
     finally:
         # After the save in flight, if any: on errors too, without hiding them.
+        profiler.close()
         checkpoint.close(manager, raise_errors=completed)
         progress.close()
         writer.close()
