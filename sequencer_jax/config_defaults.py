@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.progress = 'auto'  # 'bar' on a terminal, else 'lines'; or force one
     # A JAX profiler trace of the num_steps steps after start_step (None: none) in
     # WORKDIR/tensorboard, for TensorBoard's Profile tab or ui.perfetto.dev; python_tracer
-    # adds every Python call (host overhead, input pipeline) to a ~40x larger trace.
+    # adds every Python call (host overhead, input pipeline) to a 20-40x larger trace.
     config.profile = ml_collections.ConfigDict(dict(
         start_step=ml_collections.FieldReference(None, field_type=int),
         num_steps=5,
