@@ -13,6 +13,7 @@ pods and SLURM clusters ``jax.distributed`` is initialised automatically; elsewh
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 
@@ -61,9 +62,16 @@ def main(argv) -> None:
         loop.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    except (loop.TrainingStopped, checkpoint.CheckpointSaveError) as e:
+    except loop.TrainingStopped as e:
         # Not a usage error (no flag help), and the message is the whole story.
         raise SystemExit(f'error: {e}') from None
+    except checkpoint.CheckpointSaveError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        # The failed write's threads print hundreds of tensorstore "Event loop is closed"
+        # tracebacks while the interpreter shuts down, which would bury the message; nothing
+        # is left to write (metrics and checkpoints are closed).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        raise SystemExit(1) from None
 
 
 if __name__ == '__main__':

@@ -358,6 +358,77 @@ def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir,
     assert max(losses(workdir)) == 16
 
 
+class _ManagerOfAFailedWrite:
+    """Orbax's CheckpointManager after a background write failed in two of its threads:
+    waiting raises one error, closing the other (as measured on a full disk)."""
+
+    directory = '/ckpt/checkpoints'
+
+    def __init__(self):
+        self.closed = False
+
+    def wait_until_finished(self):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "_sharding": No space '
+                         'left on device')
+
+    def close(self):
+        self.closed = True
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def latest_step(self):
+        return 4
+
+
+def test_closing_after_a_failed_write_raises_one_explained_error():
+    manager = _ManagerOfAFailedWrite()
+    with pytest.raises(checkpoint.CheckpointSaveError, match=re.escape(
+            'A checkpoint could not be written in /ckpt/checkpoints: RESOURCE_EXHAUSTED: Error '
+            'writing local file "_sharding": No space left on device. Training stopped; the '
+            'newest complete checkpoint there is step 4.')):
+        checkpoint.close(manager)
+    assert manager.closed
+    checkpoint.close(manager, raise_errors=False)  # another error is on its way: quiet
+
+
+_FULL_DISK_AT_STEP_2 = """
+import atexit, errno, sys
+from absl import app
+from etils import epath
+from orbax.checkpoint._src.path import async_path
+from sequencer_jax import cli, main
+rename = async_path.rename
+
+async def full_disk_at_step_2(source, target):
+    if epath.Path(target).name == '2':
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    return await rename(source, target)
+
+async_path.rename = full_disk_at_step_2
+# What orbax's and tensorstore's threads print while the interpreter shuts down.
+atexit.register(lambda: print('Traceback: Event loop is closed', file=sys.stderr))
+app.run(main.main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_the_cli_ends_a_run_whose_checkpoint_fails_with_its_message_last(data_dir, tmp_path):
+    driver = tmp_path / 'full_disk.py'
+    driver.write_text(_FULL_DISK_AT_STEP_2)
+    tiny = [f'--config.model.args.{key}={value}' for key, value in TINY_MODEL.items()]
+    run = subprocess.run(
+        [sys.executable, str(driver), '--config=configs/default.py',
+         f'--workdir={tmp_path / "w"}', f'--config.dataset.data_dir={data_dir}',
+         '--config.num_train_steps=2', '--config.progress=lines', *tiny],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2'),
+        timeout=600, capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr.rstrip().splitlines()[-1] == (
+        f'error: A checkpoint could not be written in {tmp_path / "w"}/checkpoints: [Errno 28] '
+        'No space left on device. Training stopped; no checkpoint there is complete yet. Make '
+        'room there (or fix its permissions) and rerun the same command to start again.')
+    # Orbax logs the failure (with its traceback) before; nothing comes after, no flag help.
+    assert 'Event loop is closed' not in run.stderr and 'USAGE' not in run.stderr
+
+
 def _traced_train_steps(logdir):
     """The number of train steps dispatched in each trace under ``logdir`` (the nested
     events of one dispatch count once), and whether any trace holds Python calls."""

@@ -115,13 +115,16 @@ def close(manager: ocp.CheckpointManager, raise_errors: bool = True) -> None:
     """Waits for the save in flight and releases ``manager``. A failed save raises
     CheckpointSaveError unless ``raise_errors`` is False (another error is already on its
     way and must not be replaced)."""
-    try:
-        wait(manager)
-    except CheckpointSaveError:
-        if raise_errors:
-            raise
-    finally:
-        manager.close()  # orbax raises a save's error once: this close only releases
+    failure = None
+    for step in (manager.wait_until_finished, manager.close):
+        try:
+            with _save_errors_explained(manager):
+                step()
+        except CheckpointSaveError as e:
+            # Orbax's close raises an error of the background write again: report it once.
+            failure = failure or e
+    if failure is not None and raise_errors:
+        raise failure
 
 
 @contextlib.contextmanager
