@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from etils import epath
 
 import mini_imagenet
@@ -427,6 +428,58 @@ def test_the_cli_ends_a_run_whose_checkpoint_fails_with_its_message_last(data_di
         'room there (or fix its permissions) and rerun the same command to start again.')
     # Orbax logs the failure (with its traceback) before; nothing comes after, no flag help.
     assert 'Event loop is closed' not in run.stderr and 'USAGE' not in run.stderr
+
+
+def test_metrics_that_cannot_be_written_are_reported_once_and_training_goes_on(
+        data_dir, tmp_path, monkeypatch, capsys):
+    if not os.path.exists('/dev/full'):
+        pytest.skip('needs /dev/full, a file whose writes fail with ENOSPC')
+    workdir = tmp_path / 'w'
+    path_type = type(epath.Path(str(workdir)))
+    open_path = path_type.open
+
+    def full_metrics_file(self, mode='r', **kwargs):
+        if self.name == loop.METRICS_FILE and mode == 'a':
+            return open('/dev/full', mode)
+        return open_path(self, mode, **kwargs)
+
+    monkeypatch.setattr(path_type, 'open', full_metrics_file)
+    loop.train_and_evaluate(tiny_config(data_dir, steps=4), str(workdir))
+    out = capsys.readouterr().out
+    assert out.count('Warning: could not write') == 1
+    assert (f'Warning: could not write the metrics of step 1 to {workdir}/metrics.jsonl '
+            '([Errno 28] No space left on device). Training goes on (a checkpoint that cannot '
+            'be written stops it); further failures to write there are not reported until '
+            'one succeeds.') in out
+    assert 'Final eval: top-1' in out
+    with checkpoint.open_read_only(str(workdir)) as manager:
+        assert manager.all_steps() == [2, 4]
+
+
+def test_tensorboard_write_failures_are_reported_again_after_a_success(tmp_path, capsys):
+    writer = loop.MetricWriter(epath.Path(str(tmp_path)))
+    flush = writer._tb.flush
+    disk_full = False
+
+    def flush_or_fail():
+        if disk_full:
+            raise tf.errors.ResourceExhaustedError(
+                None, None, '{{function_node __wrapped__FlushSummaryWriter_device_/job:'
+                'localhost}} events.out.tfevents; No space left on device')
+        flush()
+
+    writer._tb.flush = flush_or_fail
+    for step, disk_full in zip(range(1, 5), [True, True, False, True]):
+        writer.write(step, {'train/loss': 1.0})
+    disk_full = False
+    writer.close()
+    warnings = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith('Warning')]
+    assert [w.split(' to ')[0] for w in warnings] == [
+        'Warning: could not write the TensorBoard events of step 1',
+        'Warning: could not write the TensorBoard events of step 4']
+    assert f'{tmp_path}/tensorboard (events.out.tfevents; No space left on device).' in warnings[0]
+    assert losses(tmp_path) == {step: 1.0 for step in range(1, 5)}
 
 
 def _traced_train_steps(logdir):

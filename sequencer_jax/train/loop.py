@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -47,7 +48,9 @@ class MetricWriter:
     """metrics.jsonl and TensorBoard events; writes on process 0 only.
 
     A run resumed at ``start_step`` first drops the lines of later steps: a run that
-    died between checkpoints logged them, and they are about to be logged again.
+    died between checkpoints logged them, and they are about to be logged again. A write
+    that fails (a full disk, a bucket's error) is reported and training goes on: the
+    checkpoints hold the work, and a checkpoint that cannot be written stops the run.
     """
 
     def __init__(self, workdir: epath.Path, start_step: int = 0):
@@ -59,23 +62,49 @@ class MetricWriter:
                 kept = [line for line in lines if _logged_step(line) <= start_step]
                 if len(kept) < len(lines):
                     metrics_file.write_text(''.join(kept))
+            self._jsonl_path = str(metrics_file)
             self._jsonl = metrics_file.open('a')
-            self._tb = tf.summary.create_file_writer(str(workdir / TENSORBOARD_DIR))
+            self._tb_dir = str(workdir / TENSORBOARD_DIR)
+            self._tb = tf.summary.create_file_writer(self._tb_dir)
+            self._failing: set[str] = set()  # where the last write failed
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self._active:
             return
-        self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-        self._jsonl.flush()
-        with self._tb.as_default(step=step):
-            for key, value in metrics.items():
-                tf.summary.scalar(key, value)
-        self._tb.flush()
+
+        def jsonl():
+            self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+            self._jsonl.flush()
+
+        def events():
+            with self._tb.as_default(step=step):
+                for key, value in metrics.items():
+                    tf.summary.scalar(key, value)
+            self._tb.flush()
+
+        self._attempt(jsonl, f'the metrics of step {step}', self._jsonl_path)
+        self._attempt(events, f'the TensorBoard events of step {step}', self._tb_dir)
 
     def close(self) -> None:
         if self._active:
-            self._jsonl.close()
-            self._tb.close()
+            self._attempt(self._jsonl.close, 'the last metrics', self._jsonl_path)
+            self._attempt(self._tb.close, 'the last TensorBoard events', self._tb_dir)
+
+    def _attempt(self, write: Callable[[], None], what: str, where: str) -> None:
+        """Runs ``write``; reports its failure, once while writes to ``where`` go on
+        failing (a full disk fails every log step)."""
+        try:
+            write()
+        except (OSError, tf.errors.OpError) as e:  # local files; gs:// (tf.io.gfile), TF ops
+            if where not in self._failing:
+                self._failing.add(where)
+                cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+                cause = re.sub(r'^\{\{function_node [^}]*\}\}\s*', '', cause)  # TF's prefix
+                print(f'Warning: could not write {what} to {where} ({cause}). Training goes '
+                      'on (a checkpoint that cannot be written stops it); further failures '
+                      'to write there are not reported until one succeeds.', flush=True)
+            return
+        self._failing.discard(where)
 
 
 def _logged_step(line: str) -> float:
