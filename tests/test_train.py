@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from etils import epath
 
 import mini_imagenet
 from sequencer_jax import config_defaults
+from sequencer_jax.data import pipeline
 from sequencer_jax.train import checkpoint, loop, mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -534,6 +536,26 @@ def test_out_of_memory_errors_say_what_to_change():
     assert 'batch_size' in str(explained) and 'remat' in str(explained)
     other = ValueError('something else')
     assert loop._explain_runtime_error(other) is other
+
+
+def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(data_dir, tmp_path,
+                                                                    monkeypatch):
+    def input_waits(workdir):
+        lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+        return [r['train/input_wait'] for r in map(json.loads, lines)][1:]  # 1: compiles
+
+    config = tiny_config(data_dir, checkpoint_every_steps=1000)  # no saves in the windows
+    loop.train_and_evaluate(config, str(tmp_path / 'fast'))
+    next_batch = pipeline.GlobalBatches.__next__
+
+    def slow_input(self):
+        time.sleep(0.5)
+        return next_batch(self)
+
+    monkeypatch.setattr(pipeline.GlobalBatches, '__next__', slow_input)
+    loop.train_and_evaluate(config, str(tmp_path / 'slow'))
+    assert all(0 <= wait < 0.5 for wait in input_waits(tmp_path / 'fast'))
+    assert all(0.7 < wait <= 1 for wait in input_waits(tmp_path / 'slow'))
 
 
 def test_default_main_job_learns_the_digits(data_dir, tmp_path):

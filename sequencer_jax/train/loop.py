@@ -497,13 +497,16 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
         checkpoint.save(manager, step, state, meta, metrics)
 
     sums, last_log_step, last_log_time = None, start_step, time.perf_counter()
+    input_wait = 0.0  # seconds spent waiting for batches since last_log_time
     final_metrics: dict[str, float] = {}
     step = start_step
     stopped = completed = False
     try:
         while step < total_steps and not stopped:
             profiler.before_step(step)
+            fetch_start = time.perf_counter()
             batch = next(train_iter)
+            input_wait += time.perf_counter() - fetch_start
             try:
                 state, metrics = train_step(state, batch, train_rng)
             except jax.errors.JaxRuntimeError as e:
@@ -533,7 +536,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
                 checkpoint.check_saves(manager)
                 logged['train/lr'] = float(schedule(step - 1))
                 logged['train/images_per_s'] = n * config.batch_size / (now - last_log_time)
-                sums, last_log_step, last_log_time = None, step, now
+                logged['train/input_wait'] = input_wait / (now - last_log_time)
+                sums, last_log_step, last_log_time, input_wait = None, step, now, 0.0
             if eval_now:
                 logged.update(run_eval(state))
                 final_metrics = logged
