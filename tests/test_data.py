@@ -105,11 +105,13 @@ def test_failed_download_says_how_to_prepare_the_dataset_elsewhere(tmp_path, mon
         pipeline.dataset_spec(config.dataset)
 
 
-@pytest.mark.parametrize('failure', ['tensorflow', 'os'])
+@pytest.mark.parametrize('failure', ['tensorflow', 'os', 'tfds_check'])
 def test_a_full_disk_while_preparing_says_so(tmp_path, monkeypatch, failure):
     """TFDS wraps TensorFlow's write errors (as seen on a full tmpfs) in a RuntimeError;
-    Python's own writes raise OSError(ENOSPC). Neither is a download problem."""
+    Python's own writes raise OSError(ENOSPC); TFDS checks the free space before it
+    starts. None is a download problem."""
     import errno
+    import shutil
 
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -124,12 +126,17 @@ def test_a_full_disk_while_preparing_says_so(tmp_path, monkeypatch, failure):
             raise RuntimeError(f'ResourceExhaustedError: Failed to finalize writing of split '
                                f'"train": {e.message}') from e
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', full_disk)
+    if failure == 'tfds_check':
+        disk_usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, 'disk_usage', lambda path: disk_usage(path)._replace(
+            free=0 if str(path).startswith(str(tmp_path)) else disk_usage(path).free))
+    else:
+        monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', full_disk)
     config = make_config('sklearn_digits', tmp_path)
     with pytest.raises(ValueError, match=re.escape(
             'Could not prepare TFDS dataset sklearn_digits in ' + str(tmp_path)) + r'\S*: the '
-            r'disk is full \(.*No space left on device\)\. Free space there, or set '
-            r'config\.dataset\.data_dir to a disk with room'):
+            r'disk is full \(.*(No space left on device|Not enough disk space)'
+            r'.*\)\. Free space there, or set config\.dataset\.data_dir to a disk with room'):
         pipeline.dataset_spec(config.dataset)
 
 

@@ -135,10 +135,11 @@ def load_builder(config, prepare: bool = True):
 
 def _out_of_space(error: BaseException) -> bool:
     """Whether ``error`` or one it was raised from says the disk is full (TFDS wraps
-    TensorFlow's write errors in a RuntimeError)."""
+    TensorFlow's write errors in a RuntimeError, and checks the free space first)."""
     while error is not None:
-        if getattr(error, 'errno', None) == errno.ENOSPC or \
-                'No space left on device' in str(error):
+        if getattr(error, 'errno', None) == errno.ENOSPC or any(
+                words in str(error) for words in ('No space left on device',
+                                                  'Not enough disk space')):
             return True
         error = error.__cause__ or error.__context__
     return False
