@@ -361,6 +361,49 @@ def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir,
     assert max(losses(workdir)) == 16
 
 
+class _ManagerWithSteps:
+    def __init__(self, directory, steps):
+        self.directory, self._steps = directory, steps
+
+    def all_steps(self):
+        return self._steps
+
+
+@pytest.mark.parametrize('free_mib, steps, said', [
+    (3, [], 'error'), (15, [], 'room for 3 more'), (15, [1, 2], None), (100, [], None)])
+def test_the_room_for_checkpoints_is_checked_before_training(tmp_path, monkeypatch, capsys,
+                                                             free_mib, steps, said):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=free_mib * 2**20))
+    state = {'params': jax.ShapeDtypeStruct((2**20,), np.float32)}  # 4 MiB
+    manager = _ManagerWithSteps(str(tmp_path), steps)
+    if said == 'error':
+        with pytest.raises(ValueError, match=re.escape(
+                f'The disk of {tmp_path} has 3 MiB free, less than one checkpoint of this run '
+                '(4.0 MiB: parameters, optimizer state and EMA, if any). Free space there or '
+                'give another --workdir.')):
+            checkpoint.check_room(manager, state, held=3)
+        return
+    checkpoint.check_room(manager, state, held=3)
+    out = capsys.readouterr().out
+    if said is None:
+        assert out == ''  # 15 MiB: room for the 2 that a run with 2 checkpoints wants
+    else:
+        assert (f'Warning: the disk of {tmp_path} has 15 MiB free: room for 3 more checkpoints '
+                'of 4.0 MiB, and this run will want 4 (it keeps 3') in out
+
+
+def test_training_on_a_full_disk_stops_before_writing_anything(data_dir, tmp_path,
+                                                               monkeypatch):
+    workdir = tmp_path / 'w'
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: disk_usage(path)._replace(
+        free=0 if str(path).startswith(str(workdir)) else disk_usage(path).free))
+    with pytest.raises(ValueError, match='has 0 MiB free, less than one checkpoint'):
+        loop.train_and_evaluate(tiny_config(data_dir), str(workdir))
+    assert [p.name for p in workdir.iterdir()] == ['checkpoints']  # no config.json, no logs
+
+
 class _ManagerOfAFailedWrite:
     """Orbax's CheckpointManager after a background write failed in two of its threads:
     waiting raises one error, closing the other (as measured on a full disk)."""

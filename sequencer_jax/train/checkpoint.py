@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from typing import Any, Iterator
 
@@ -47,6 +48,32 @@ def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
         cleanup_tmp_directories=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(storage.resolve(workdir) / CHECKPOINT_DIR, options=options,
                                  item_handlers=_item_handlers())
+
+
+def check_room(manager: ocp.CheckpointManager, abstract_state: Any, held: int) -> None:
+    """Before training: a ValueError when the local disk of the checkpoints has no room
+    for one checkpoint of ``abstract_state`` (its arrays' bytes; orbax writes ~1.1x that),
+    and a warning when it has room for fewer than the run will hold: ``held`` and the one
+    being written, less those already there. Buckets have no free space to ask for."""
+    directory = epath.Path(manager.directory)
+    if storage.is_bucket(directory):
+        return
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) / 2**20
+    # In MiB (an int32 on the way), and process 0's view for all: all stop or none.
+    free = int(multihost_utils.broadcast_one_to_all(
+        shutil.disk_usage(directory).free // 2**20))
+    if free < size:
+        raise ValueError(f'The disk of {directory} has {free:,} MiB free, less than one '
+                         f'checkpoint of this run ({size:,.1f} MiB: parameters, optimizer '
+                         'state and EMA, if any). Free space there or give another --workdir.')
+    wanted = held + 1 - len(manager.all_steps())
+    if free < wanted * size:
+        print(f'Warning: the disk of {directory} has {free:,} MiB free: room for '
+              f'{int(free // size)} more checkpoints of {size:,.1f} MiB, and this run will '
+              f'want {wanted} (it keeps {held}: config.keep_checkpoints and the best by '
+              'config.best_metric, and writes the next before deleting the oldest). Training '
+              'stops with a message when a checkpoint cannot be written; free space there, or '
+              'lower config.keep_checkpoints.', flush=True)
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:

@@ -444,6 +444,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, float]:
             print(f'Initialised from {config.init_from} ({head})', flush=True)
         start_step, examples_read = 0, 0
 
+    checkpoint.check_room(manager, abstract, config.keep_checkpoints + bool(config.best_metric))
     if jax.process_index() == 0:
         saved = workdir / config_defaults.SAVED_CONFIG_FILE
         saved.write_text(config.to_json_best_effort(indent=1))
