@@ -839,7 +839,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_log_once(data_dir, tmp_path):
+def test_two_processes_train_together_and_log_once(tmp_path):
+    data_dir = tmp_path / 'tfds'  # not prepared yet: both processes read it, one writes it
     port = _free_port()
     workdir = tmp_path / 'work'
     args = ['sequencer_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
@@ -856,6 +857,8 @@ def test_two_processes_train_together_and_log_once(data_dir, tmp_path):
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "mesh {'data': 4, 'fsdp': 1}" in outputs[0][0]
+    assert 'Preparing TFDS dataset sklearn_digits' in outputs[0][0]
+    assert 'Preparing' not in outputs[1][0]
     assert 'Final eval' in outputs[0][0] and 'Final eval' not in outputs[1][0]
     assert sorted(losses(workdir)) == [2, 4]  # one metrics.jsonl, written once per step
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']

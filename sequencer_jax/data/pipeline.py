@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 import tensorflow as tf
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from sequencer_jax import storage
@@ -95,9 +96,26 @@ def unknown_dataset_message(name: str) -> str:
 
 
 def load_builder(config, prepare: bool = True):
-    """The TFDS builder of ``config`` (``config.dataset``), prepared on first use."""
+    """The TFDS builder of ``config`` (``config.dataset``), prepared on first use.
+
+    Of several processes, process 0 prepares first and the others after it, each only
+    where it does not see the prepared dataset then (a data_dir on its own disk): processes
+    sharing a data_dir (a bucket, NFS) would otherwise all write it, and all but one fail
+    to move their copy into place."""
+    if not prepare:
+        return _open_builder(config)
+    if jax.process_index() == 0:
+        builder = _prepared_builder(config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'prepare TFDS dataset {config.name}')
+    if jax.process_index() > 0:
+        builder = _prepared_builder(config)
+    return builder
+
+
+def _open_builder(config):
     try:
-        builder = tfds.builder(config.name, data_dir=_data_dir(config))
+        return tfds.builder(config.name, data_dir=_data_dir(config))
     except ValueError as e:
         # Not found, or a name TFDS cannot even parse ('cifar-10'); other errors (an
         # unknown builder config, say) are TFDS's own, with their suggestions.
@@ -105,7 +123,11 @@ def load_builder(config, prepare: bool = True):
         if isinstance(e, tfds.core.registered.DatasetNotFoundError) or not parsable:
             raise ValueError(unknown_dataset_message(config.name)) from None
         raise
-    if prepare and not builder.is_prepared():
+
+
+def _prepared_builder(config):
+    builder = _open_builder(config)
+    if not builder.is_prepared():
         _check_manual_files(config)
         if _data_dir(config):  # where TFDS would fail with a bare OSError, or blame a download
             storage.created_dir(_data_dir(config), 'the TFDS data_dir (config.dataset.data_dir)')
