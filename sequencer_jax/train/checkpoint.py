@@ -143,10 +143,10 @@ def close(manager: ocp.CheckpointManager, raise_errors: bool = True) -> None:
     CheckpointSaveError unless ``raise_errors`` is False (another error is already on its
     way and must not be replaced)."""
     failure = None
-    for step in (manager.wait_until_finished, manager.close):
+    for finish in (manager.wait_until_finished, manager.close):
         try:
             with _save_errors_explained(manager):
-                step()
+                finish()
         except CheckpointSaveError as e:
             # Orbax's close raises an error of the background write again: report it once.
             failure = failure or e
