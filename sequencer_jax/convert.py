@@ -1,13 +1,18 @@
-"""PyTorch Sequencer weights (timm or the official repository) -> Flax variables.
+"""PyTorch Sequencer weights (timm or the official repository) <-> Flax variables.
 
 Library use::
 
     variables = sequencer_jax.convert.from_torch_state_dict(state_dict, 'sequencer2d_s')
+    state_dict = sequencer_jax.convert.to_timm_state_dict(variables['params'])
 
 Command line (writes an orbax checkpoint that ``evaluate`` and fine-tuning load)::
 
     python -m sequencer_jax.convert --input sequencer2d_s.pth --model sequencer2d_s \
         --output /tmp/sequencer2d_s_jax
+
+and back, a training workdir's (or a converted directory's) weights for timm::
+
+    python -m sequencer_jax.convert --to-timm --input /tmp/run --output run.safetensors
 """
 
 from __future__ import annotations
@@ -188,6 +193,47 @@ def unstack_stage_blocks(params: dict[str, Any], layers) -> dict[str, Any]:
     return params
 
 
+def to_timm_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params (either block layout) -> a timm state_dict of numpy arrays, for
+    ``timm.create_model(name).load_state_dict({k: torch.from_numpy(v) ...})``; the inverse
+    of ``from_torch_state_dict`` (timm's key names, PyTorch's layouts, float32)."""
+    stacked = sum(bool(re.fullmatch(r'stages_\d+_blocks', k)) for k in params)
+    if stacked:  # scan_blocks: each stage's blocks along a leading axis
+        params = unstack_stage_blocks(params, [
+            len(jax.tree.leaves(params[f'stages_{i}_blocks'])[0]) for i in range(stacked)])
+    torch_names = {v: k for k, v in _RNN_NAMES.items()}
+    state_dict = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        if path[-1] in torch_names:  # [directions, ...]: forward, then reverse
+            prefix = _timm_key(path[:-1] + ('x',))[:-len('.x')]
+            for direction, w in enumerate(value):
+                suffix = '_reverse' if direction else ''
+                state_dict[f'{prefix}.{torch_names[path[-1]]}_l0{suffix}'] = \
+                    np.ascontiguousarray(w.T if w.ndim == 2 else w)
+        else:
+            state_dict[_timm_key(path)] = np.ascontiguousarray(_flax_to_torch_layout(path, value))
+    return state_dict
+
+
+def _timm_key(path: tuple[str, ...]) -> str:
+    """The timm key of one Flax parameter path; the inverse of ``_flax_path``."""
+    *parts, leaf = path
+    key = '.'.join([*parts, 'weight' if leaf in ('scale', 'kernel') else leaf])
+    key = re.sub(r'^stem\.', 'stem.proj.', key)
+    key = re.sub(r'^stages_(\d+)_downsample\.', r'stages.\1.downsample.down.', key)
+    key = re.sub(r'^stages_(\d+)_blocks_(\d+)\.', r'stages.\1.blocks.\2.', key)
+    return re.sub(r'^head\.', 'head.fc.', key)
+
+
+def _flax_to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == 'kernel' and value.ndim == 4:  # conv [kh, kw, in, out] -> [out, in, kh, kw]
+        return value.transpose(3, 2, 0, 1)
+    if path[-1] == 'kernel' and value.ndim == 2:  # linear [in, out] -> [out, in]
+        return value.T
+    return value
+
+
 def load_state_dict_file(path: str) -> dict[str, Any]:
     """Reads a state_dict from ``.pth``/``.pt`` (as data: ``weights_only=True``),
     ``.safetensors`` or ``.npz`` (one array per key)."""
@@ -242,16 +288,36 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog='python -m sequencer_jax.convert',
         description='Convert PyTorch Sequencer weights (timm or official) to an orbax '
-                    'checkpoint for sequencer-jax.')
-    parser.add_argument('--input', required=True, help='.pth, .pt, .safetensors or .npz file')
-    parser.add_argument('--model', required=True, choices=registry.list_models())
-    parser.add_argument('--output', required=True, help='new directory to write')
+                    'checkpoint for sequencer-jax; with --to-timm, the other way.')
+    parser.add_argument('--input', required=True,
+                        help='.pth, .pt, .safetensors or .npz file; with --to-timm a training '
+                             'workdir or a converted directory')
+    parser.add_argument('--model', choices=registry.list_models(),
+                        help='the variant the weights belong to (not with --to-timm)')
+    parser.add_argument('--output', required=True,
+                        help='new directory to write; with --to-timm a new .safetensors or '
+                             '.npz file')
     parser.add_argument('--num-classes', type=arguments.at_least(1), default=None,
                         help='classifier width (default: read from the head weights)')
     parser.add_argument('--model-args', default='{}',
                         help='JSON object of architecture overrides for a custom-sized '
                              'model, e.g. \'{"layers": [2, 2, 4, 2]}\'')
+    parser.add_argument('--to-timm', action='store_true',
+                        help='write the params of --input as a timm state_dict (timm key '
+                             'names, PyTorch layouts)')
+    parser.add_argument('--ema', action='store_true',
+                        help='with --to-timm: the EMA weights of a training workdir')
     args = parser.parse_args(argv)
+    if args.to_timm:
+        if args.model or args.num_classes or args.model_args != '{}':
+            parser.error('--to-timm reads the model from --input: drop --model, '
+                         '--num-classes and --model-args.')
+        _export_timm(parser, args.input, args.output, args.ema)
+        return
+    if args.ema:
+        parser.error('--ema goes with --to-timm.')
+    if args.model is None:
+        parser.error('--model is required: the registered variant the weights belong to.')
     try:
         model_args = registry.overrides_from_json(args.model_args)
         state_dict = official_to_timm_keys(load_state_dict_file(args.input))
@@ -263,6 +329,40 @@ def main(argv=None) -> None:
         parser.exit(2, f'error: {e}\n')
     count = sum(x.size for x in jax.tree.leaves(variables))
     print(f'Wrote {args.model} ({num_classes} classes, {count:,} parameters) to {args.output}')
+
+
+def _export_timm(parser: argparse.ArgumentParser, source: str, output: str,
+                 ema: bool) -> None:
+    """``--to-timm``: the params (or EMA params) of ``source`` to a state_dict file."""
+    from sequencer_jax.train import loop  # TensorFlow and orbax: only for this direction
+    try:
+        if not output.endswith(('.safetensors', '.npz')):
+            raise ValueError(f'--output={output}: give a .safetensors or .npz file.')
+        target = storage.output_file(output)
+        if target.exists():
+            raise ValueError(f'{target} already exists; choose a new --output file.')
+        params, ema_params, _ = loop.load_checkpoint_params(source)
+        if ema and ema_params is None:
+            raise ValueError(f'{source} holds no EMA weights (config.ema_decay was not set); '
+                             'drop --ema.')
+        state_dict = to_timm_state_dict(ema_params if ema else params)
+    except ValueError as e:
+        parser.exit(2, f'error: {e}\n')
+    if output.endswith('.npz'):
+        with target.open('wb') as f:
+            np.savez(f, **state_dict)
+    else:
+        try:
+            from safetensors.numpy import save
+        except ImportError:
+            parser.exit(2, 'error: writing .safetensors needs the safetensors package: pip '
+                           'install safetensors (or give an .npz --output).\n')
+        target.write_bytes(save(state_dict, metadata={'format': 'pt'}))
+    count = sum(x.size for x in state_dict.values())
+    print(f'Wrote {len(state_dict)} arrays ({count:,} parameters{", EMA" if ema else ""}) to '
+          f'{target}; in PyTorch: timm.create_model(NAME, num_classes='
+          f'{state_dict["head.fc.weight"].shape[0]}).load_state_dict(...) with the tensors '
+          'of that file (safetensors.torch.load_file, or torch.from_numpy of each npz array).')
 
 
 if __name__ == '__main__':

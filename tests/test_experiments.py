@@ -91,6 +91,53 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     assert not (tmp_path / 'c.png').exists()
 
 
+def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, tmp_path, capsys,
+                                                                    monkeypatch):
+    params = loop.load_checkpoint_params(trained)[0]
+    exported = tmp_path / 'w.npz'
+    convert.main(['--to-timm', '--input', trained, '--output', str(exported)])
+    with np.load(exported) as f:
+        state_dict = {k: f[k] for k in f.files}
+    count = sum(x.size for x in jax.tree.leaves(params))
+    assert capsys.readouterr().out.startswith(
+        f'Wrote {len(state_dict)} arrays ({count:,} parameters) to {exported}; in PyTorch: '
+        'timm.create_model(NAME, num_classes=10)')
+    back = convert.from_torch_state_dict(state_dict, 'sequencer2d_s', **TINY_MODEL)['params']
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    for args, message in [
+            (['--output', str(exported)], 'already exists; choose a new --output file'),
+            (['--output', str(tmp_path / 'w.pth')], 'give a .safetensors or .npz file'),
+            (['--output', str(tmp_path / 'e.npz'), '--ema'], 'holds no EMA weights'),
+            (['--output', str(tmp_path / 'm.npz'), '--model', 'sequencer2d_s'],
+             '--to-timm reads the model from --input: drop --model')]:
+        with pytest.raises(SystemExit) as e:
+            convert.main(['--to-timm', '--input', trained, *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / 'e.npz').exists()
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:  # in the torch extra
+        with pytest.raises(SystemExit) as e:
+            convert.main(['--to-timm', '--input', trained, '--output',
+                          str(tmp_path / 'w.safetensors')])
+        assert e.value.code == 2
+        assert 'needs the safetensors package: pip install' in capsys.readouterr().err
+    else:
+        convert.main(['--to-timm', '--input', trained, '--output',
+                      str(tmp_path / 'w.safetensors')])
+        from_file = load_file(str(tmp_path / 'w.safetensors'))
+        assert sorted(from_file) == sorted(state_dict)
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(from_file[key], value)
+    # --ema takes the EMA weights where a workdir has them.
+    doubled = jax.tree.map(lambda x: 2 * x, params)
+    monkeypatch.setattr(loop, 'load_checkpoint_params', lambda source: (params, doubled, None))
+    convert.main(['--to-timm', '--ema', '--input', trained, '--output', str(tmp_path / 'e.npz')])
+    with np.load(tmp_path / 'e.npz') as f:
+        for key, value in state_dict.items():
+            np.testing.assert_array_equal(f[key], 2 * value)
+
+
 def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     workdir = tmp_path / 'resumed'
     shutil.copytree(trained, workdir)

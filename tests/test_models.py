@@ -351,6 +351,21 @@ def test_conversion_names_missing_unexpected_and_misshaped_keys(timm_fixture):
         convert.from_torch_state_dict(sd, 'sequencer2d_m')
 
 
+@pytest.mark.parametrize('scan_blocks', [False, True])
+def test_to_timm_state_dict_inverts_the_conversion_exactly(timm_fixture, scan_blocks):
+    for case in timm_fixture.cases:
+        info = timm_fixture.case(case)
+        # The 1D variants (not in timm) come in the official repository's key names.
+        sd = convert.official_to_timm_keys(timm_fixture.state_dict(case))
+        variables = convert.from_torch_state_dict(sd, info['variant'], **info['overrides'],
+                                                  scan_blocks=scan_blocks)
+        back = convert.to_timm_state_dict(variables['params'])
+        assert sorted(back) == sorted(sd), case
+        for key, value in sd.items():
+            assert back[key].dtype == np.float32 and back[key].flags.c_contiguous
+            np.testing.assert_array_equal(back[key], value, err_msg=f'{case}: {key}')
+
+
 def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path, capsys):
     info = timm_fixture.case('sequencer2d_s')
     sd = timm_fixture.state_dict('sequencer2d_s')

@@ -83,3 +83,23 @@ def test_input_gradients_equal_torch(name):
     grad = jax.grad(lambda im: jax.numpy.sum(jax.numpy.sin(model.apply(variables, im))))
     np.testing.assert_allclose(np.asarray(grad(images)), expected, atol=1e-5,
                                rtol=1e-4)
+
+
+def test_exported_weights_give_timm_the_same_logits(tmp_path):
+    """JAX params (scanned layout) -> convert --to-timm -> timm, loaded strictly."""
+    from safetensors.torch import load_file
+    model = sj.create_model('sequencer2d_s', 7, scan_blocks=True, **TINY)
+    images = np.random.RandomState(0).randn(2, 28, 42, 3).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    variables = jax.tree.unflatten(treedef, [  # noise: the head is zero-initialised
+        x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    convert.save_converted(tmp_path / 'jax', 'sequencer2d_s', 7, variables,
+                           dict(TINY, scan_blocks=True))
+    exported = tmp_path / 'timm.safetensors'
+    convert.main(['--to-timm', '--input', str(tmp_path / 'jax'), '--output', str(exported)])
+    reference = torch_reference.build('sequencer2d_s', 7, **TINY)
+    reference.load_state_dict(load_file(str(exported)), strict=True)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images)),
+                               torch_reference.logits(reference, images), atol=1e-4, rtol=0)
