@@ -81,10 +81,12 @@ def _flax_path(timm_key: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] == 'kernel' and value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
-        return value.transpose(2, 3, 1, 0)
-    if path[-1] == 'kernel' and value.ndim == 2:  # linear [out, in] -> [in, out]
+def _kernel_layout(path: tuple[str, ...], value: np.ndarray, to_flax: bool) -> np.ndarray:
+    """A kernel from PyTorch's layout to Flax's (``to_flax``) or back: conv
+    [out, in, kh, kw] <-> [kh, kw, in, out], linear [out, in] <-> [in, out]."""
+    if path[-1] == 'kernel' and value.ndim == 4:
+        return value.transpose((2, 3, 1, 0) if to_flax else (3, 2, 0, 1))
+    if path[-1] == 'kernel' and value.ndim == 2:
         return value.T
     return value
 
@@ -102,7 +104,7 @@ def timm_to_flax_params(state_dict: Mapping[str, Any]) -> dict[tuple[str, ...], 
             rnn.setdefault(path, {})[bool(m.group(3))] = w
         else:
             path = _flax_path(key)
-            flat[path] = _torch_layout(path, value)
+            flat[path] = _kernel_layout(path, value, to_flax=True)
     for path, directions in rnn.items():
         flat[path] = np.stack([directions[r] for r in sorted(directions)])
     return flat
@@ -212,7 +214,8 @@ def to_timm_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 state_dict[f'{prefix}.{torch_names[path[-1]]}_l0{suffix}'] = \
                     np.ascontiguousarray(w.T if w.ndim == 2 else w)
         else:
-            state_dict[_timm_key(path)] = np.ascontiguousarray(_flax_to_torch_layout(path, value))
+            state_dict[_timm_key(path)] = np.ascontiguousarray(
+                _kernel_layout(path, value, to_flax=False))
     return state_dict
 
 
@@ -224,14 +227,6 @@ def _timm_key(path: tuple[str, ...]) -> str:
     key = re.sub(r'^stages_(\d+)_downsample\.', r'stages.\1.downsample.down.', key)
     key = re.sub(r'^stages_(\d+)_blocks_(\d+)\.', r'stages.\1.blocks.\2.', key)
     return re.sub(r'^head\.', 'head.fc.', key)
-
-
-def _flax_to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] == 'kernel' and value.ndim == 4:  # conv [kh, kw, in, out] -> [out, in, kh, kw]
-        return value.transpose(3, 2, 0, 1)
-    if path[-1] == 'kernel' and value.ndim == 2:  # linear [in, out] -> [out, in]
-        return value.T
-    return value
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
