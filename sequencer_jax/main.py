@@ -70,7 +70,7 @@ def main(argv) -> None:
         # The failed write's threads print hundreds of tensorstore "Event loop is closed"
         # tracebacks while the interpreter shuts down, which would bury the message; nothing
         # is left to write (metrics and checkpoints are closed).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # fd 2: Python and C++ threads write there
         raise SystemExit(1) from None
 
 
