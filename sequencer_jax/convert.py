@@ -333,6 +333,12 @@ def _export_timm(parser: argparse.ArgumentParser, source: str, output: str,
     try:
         if not output.endswith(('.safetensors', '.npz')):
             raise ValueError(f'--output={output}: give a .safetensors or .npz file.')
+        if output.endswith('.safetensors'):  # before reading a checkpoint it could not write
+            try:
+                from safetensors.numpy import save
+            except ImportError:
+                raise ValueError('writing .safetensors needs the safetensors package: pip '
+                                 'install safetensors (or give an .npz --output).') from None
         target = storage.output_file(output)
         if target.exists():
             raise ValueError(f'{target} already exists; choose a new --output file.')
@@ -347,11 +353,6 @@ def _export_timm(parser: argparse.ArgumentParser, source: str, output: str,
         with target.open('wb') as f:
             np.savez(f, **state_dict)
     else:
-        try:
-            from safetensors.numpy import save
-        except ImportError:
-            parser.exit(2, 'error: writing .safetensors needs the safetensors package: pip '
-                           'install safetensors (or give an .npz --output).\n')
         target.write_bytes(save(state_dict, metadata={'format': 'pt'}))
     count = sum(x.size for x in state_dict.values())
     print(f'Wrote {len(state_dict)} arrays ({count:,} parameters{", EMA" if ema else ""}) to '
