@@ -1,6 +1,7 @@
 """Command-line flags shared by the absl CLIs (absl flags are global: each is defined once),
 and their parser."""
 
+import contextlib
 import difflib
 import sys
 
@@ -90,6 +91,18 @@ def check_args(argv, **required) -> None:
         raise app.UsageError(f'Missing required flag(s): {", ".join(missing)}.')
 
 
+@contextlib.contextmanager
+def input_errors():
+    """Bad input found while the CLI works (a ``ValueError``: a config value, a dataset, a
+    checkpoint that does not fit) ends it with ``error: MESSAGE`` alone and exit status 1.
+    absl's UsageError would print the module's whole flag help before the message, which
+    is about flags and says nothing of these."""
+    try:
+        yield
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+
+
 def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.ConfigDict:
     """``--config``, or without it the config that the training run in the directory
     ``directory`` names last started with (``configs/workdir.py:dir=DIR``; said on stdout).
@@ -97,10 +110,8 @@ def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.Co
     if CONFIG.value is not None:
         return CONFIG.value
     from sequencer_jax import config_defaults  # imports the model: after the flags
-    try:
+    with input_errors():
         config = config_defaults.saved_config(directory.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     saved = storage.resolve(directory.value) / config_defaults.SAVED_CONFIG_FILE
     if config is None:
         raise app.UsageError(f'Missing --config: --{directory.name}={directory.value} holds '

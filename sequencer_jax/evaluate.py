@@ -114,7 +114,7 @@ def main(argv) -> None:
         compared = [resolution.load_rows(p) for p in _COMPARE.value]
     except (ValueError, OSError) as e:
         raise app.UsageError(f'--compare: {e}') from None
-    try:
+    with cli.input_errors():
         resolutions = [config.eval_image_size or config.image_size]
         if _RESOLUTIONS.value:
             if not all(r.strip().isdigit() for r in _RESOLUTIONS.value):
@@ -123,8 +123,6 @@ def main(argv) -> None:
             resolutions = [int(r) for r in _RESOLUTIONS.value]
         rows = evaluate_checkpoint(config, cli.CHECKPOINT.value, resolutions, _CROP_PCT.value,
                                    _SPLIT.value, _EMA.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     if jax.process_index() != 0:
         return
     print(format_table(rows))

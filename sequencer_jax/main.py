@@ -59,9 +59,8 @@ def main(argv) -> None:
                                  '--config=configs/default.py')
     from sequencer_jax.train import checkpoint, loop
     try:
-        loop.train_and_evaluate(config, _WORKDIR.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        with cli.input_errors():
+            loop.train_and_evaluate(config, _WORKDIR.value)
     except loop.TrainingStopped as e:
         # Not a usage error (no flag help), and the message is the whole story.
         raise SystemExit(f'error: {e}') from None

@@ -808,6 +808,12 @@ def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
         assert ("--config.optimizer.base_lrr: the config has no key 'optimizer.base_lrr' "
                 '(did you mean optimizer.base_lr') in bad.stderr
         assert "--config.no_such_key: the config has no key 'no_such_key'" in bad.stderr
+        # A bad value: its message alone, not after the module's flag help.
+        bad = _cli([f'sequencer_jax.{cli}', '--config=configs/imagenet.py', flag,
+                    '--config.batch_size=0'])
+        assert bad.returncode == 1 and bad.stderr.rstrip().splitlines()[-1] == (
+            'error: Bad config: config.batch_size=0 must be at least 1.'), bad.stderr[-3000:]
+        assert 'flags:' not in bad.stderr and 'Traceback' not in bad.stderr
 
 
 def test_workdirs_in_buckets_stay_urls_and_bad_local_ones_are_refused(tmp_path, monkeypatch):

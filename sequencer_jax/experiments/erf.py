@@ -108,10 +108,8 @@ def main(argv) -> None:
     if output is None or output.suffix.lower() != '.png':
         raise app.UsageError(f'--output={_OUTPUT.value}: give a .png file (the raw map goes '
                              'next to it as .npy).')
-    try:
+    with cli.input_errors():
         erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     with output.with_suffix('.npy').open('wb') as f:
         np.save(f, erf)
     save_png(erf, output)

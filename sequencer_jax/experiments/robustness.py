@@ -148,10 +148,8 @@ def main(argv) -> None:
     config = cli.config_or_saved(cli.CHECKPOINT, 'the config of the model and the batch '
                                  'size, e.g. --config=configs/imagenet.py')
     output_json = cli.output_file(cli.OUTPUT_JSON)
-    try:
+    with cli.input_errors():
         result = run_suite(config, cli.CHECKPOINT.value, _SUITE.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     if jax.process_index() != 0:
         return
     for key, value in result['scores'].items():
