@@ -845,12 +845,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_log_once(tmp_path):
-    data_dir = tmp_path / 'tfds'  # not prepared yet: both processes read it, one writes it
-    port = _free_port()
-    workdir = tmp_path / 'work'
+def _two_processes(workdir, data_dir, timeout=600):
+    """Runs the training CLI as two processes of one job (2 CPU devices each); their
+    (returncode, stdout, stderr)."""
     args = ['sequencer_jax.main', '--config=configs/default.py', f'--workdir={workdir}',
-            f'--coordinator_address=localhost:{port}', '--num_processes=2',
+            f'--coordinator_address=localhost:{_free_port()}', '--num_processes=2',
             '--config.num_train_steps=4', '--config.log_every_steps=2',
             '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
             f'--config.dataset.data_dir={data_dir}', '--config.progress=lines']
@@ -859,12 +858,31 @@ def test_two_processes_train_together_and_log_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, '-m', *args, f'--process_id={i}'], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "mesh {'data': 4, 'fsdp': 1}" in outputs[0][0]
-    assert 'Preparing TFDS dataset sklearn_digits' in outputs[0][0]
-    assert 'Preparing' not in outputs[1][0]
-    assert 'Final eval' in outputs[0][0] and 'Final eval' not in outputs[1][0]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_two_processes_train_together_and_log_once(tmp_path):
+    workdir = tmp_path / 'work'
+    # Not prepared yet: both processes read it, one writes it.
+    results = _two_processes(workdir, tmp_path / 'tfds')
+    for returncode, _, err in results:
+        assert returncode == 0, err[-3000:]
+    (_, first, _), (_, second, _) = results
+    assert "mesh {'data': 4, 'fsdp': 1}" in first
+    assert 'Preparing TFDS dataset sklearn_digits' in first and 'Preparing' not in second
+    assert 'Final eval' in first and 'Final eval' not in second
     assert sorted(losses(workdir)) == [2, 4]  # one metrics.jsonl, written once per step
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+
+
+def test_when_process_0_cannot_prepare_the_dataset_the_others_stop_too(tmp_path):
+    """They used to wait for it in a barrier until jax.distributed noticed its exit."""
+    (tmp_path / 'a_file').write_text('')
+    results = _two_processes(tmp_path / 'work', tmp_path / 'a_file' / 'tfds', timeout=300)
+    assert [returncode for returncode, _, _ in results] == [1, 1], results[1][2][-3000:]
+    assert 'Cannot create the TFDS data_dir' in results[0][2], results[0][2][-3000:]
+    assert ('Process 0 could not prepare TFDS dataset sklearn_digits (its output says '
+            'why); fix that and rerun every process.') in results[1][2], results[1][2][-3000:]
+    assert 'Traceback' not in results[0][2] + results[1][2]
+    assert not (tmp_path / 'work' / 'checkpoints').exists()

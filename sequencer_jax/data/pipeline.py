@@ -101,13 +101,25 @@ def load_builder(config, prepare: bool = True):
     Of several processes, process 0 prepares first and the others after it, each only
     where it does not see the prepared dataset then (a data_dir on its own disk): processes
     sharing a data_dir (a bucket, NFS) would otherwise all write it, and all but one fail
-    to move their copy into place."""
+    to move their copy into place. If process 0 fails, the others stop too, saying so,
+    instead of waiting for it or preparing the dataset themselves."""
     if not prepare:
         return _open_builder(config)
+    if jax.process_count() == 1:
+        return _prepared_builder(config)
+    builder, error = None, None
     if jax.process_index() == 0:
-        builder = _prepared_builder(config)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f'prepare TFDS dataset {config.name}')
+        try:
+            builder = _prepared_builder(config)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the others know
+            error = e
+    # A collective: the other processes wait here while process 0 prepares the dataset.
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f'Process 0 could not prepare TFDS dataset {config.name} (its '
+                         'output says why); fix that and rerun every process.')
     if jax.process_index() > 0:
         builder = _prepared_builder(config)
     return builder
