@@ -9,7 +9,7 @@ them then faults and is zeroed on first touch, every step.
 pages instead. glibc reads its tunables only when a process starts, so
 ``python -m sequencer_jax.main``, ``.evaluate`` and ``.benchmark`` re-execute
 themselves once with the tunable added (same PID, same arguments; nothing has run
-yet). Measured on a 2-core Xeon (README, "Benchmark").
+yet). Measured on 2-core Xeon and EPYC machines (README, "Benchmark").
 
 ``SEQUENCER_JAX_HUGETLB=0`` (or ``false``, ``no``, ``off``), any ``glibc.malloc.hugetlb``
 setting of your own in ``GLIBC_TUNABLES``, or another malloc in ``LD_PRELOAD`` leaves the

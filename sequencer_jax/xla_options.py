@@ -7,13 +7,17 @@ Pass them to every ``jax.jit`` that runs the model:
 XLA:CPU (jaxlib 0.10) hands dots, elementwise ops and reductions to YNNPACK by
 default. For Sequencer's shapes, Eigen's GEMMs are faster than YNNPACK's while
 YNNPACK's reductions are much faster than XLA's own loops (LayerNorm's backward), so
-on CPU only reductions go to YNNPACK. Measured on a 2-core Xeon (Sapphire Rapids),
-sequencer2d_s, batch 8, 224 px, float32, all option sets in one process:
+on CPU only reductions go to YNNPACK. Measured on 2 cores, sequencer2d_s, batch 8,
+224 px, float32, all option sets in one process (on the EPYC, two rounds, with huge
+pages):
 
-    YNNPACK for            forward img/s   train step img/s
-    default                 10.2            2.96
-    nothing                 13.1            3.19
-    reductions only         13.0            3.38
+    YNNPACK for            Xeon (Sapphire Rapids)     AMD EPYC (Zen 5)
+                           forward   train step       forward       train step  (img/s)
+    default                 10.2      2.96            18.8, 18.9    5.40, 5.56
+    nothing                 13.1      3.19            21.4, 20.0    5.79, 5.69
+    reductions only         13.0      3.38            20.5, 20.1    5.95, 5.75
+    reductions, dots                                  18.4, 16.0    5.77, 5.97
+    reductions, elementwise                           17.5, 17.4    4.18, 3.91
 
 Other backends get no options. An option the user sets in ``XLA_FLAGS`` wins, and an
 installed jaxlib that does not know an option gets none of them (checked once).
