@@ -127,6 +127,34 @@ def target_device(target: str) -> jax.Device:
     return topology.devices[0]
 
 
+def cpu_name(cpuinfo: str) -> str | None:
+    """The CPU named by the text of ``/proc/cpuinfo``, with its family and model numbers
+    (vendors' names can be as bare as 'AMD EPYC'), e.g. 'AMD EPYC (family 26, model 2)';
+    None if the text names none. Which library's GEMMs win on a CPU depends on it (the
+    README's two CPU machines disagree)."""
+    fields = {}
+    for line in cpuinfo.split('\n\n')[0].splitlines():  # the first processor's block
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
+    name = fields.get('model name')
+    if not name:
+        return None
+    if 'cpu family' in fields and 'model' in fields:
+        name += f' (family {fields["cpu family"]}, model {fields["model"]})'
+    return name
+
+
+def host_cpu() -> str:
+    """This host's CPU: from ``/proc/cpuinfo`` on Linux, else what Python's ``platform``
+    knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = cpu_name(f.read())
+    except OSError:
+        name = None
+    return name or platform.processor() or platform.machine()
+
+
 def _time_calls(fn: Callable[[], Any], warmup: int, reps: int, iters: int) -> list[float]:
     """Seconds per call of ``fn`` (which must block), ``reps`` times, after warm-up."""
     for _ in range(warmup):
@@ -538,7 +566,7 @@ def main(argv=None) -> dict[str, Any]:
                        f'--batch-size {args.batch_size}.\n')
     if args.compare_timm:
         try:
-            import timm  # noqa: F401
+            import timm
             import torch
         except ImportError:
             parser.exit(2, 'error: --compare-timm needs torch and timm: '
@@ -551,14 +579,18 @@ def main(argv=None) -> dict[str, Any]:
         'platform': {'backend': (f'{device.platform}, compile only' if device
                                  else jax.default_backend()),
                      'device': str(target), 'device_kind': target.device_kind,
-                     'cpus': os.cpu_count(),
+                     'host_cpu': host_cpu(), 'cpus': os.cpu_count(),
                      'machine': platform.machine(), 'jax': jax.__version__,
                      'compiler_options': xla_options.compiler_options(target.platform),
                      'environment': {name: os.environ.get(name) for name in ENVIRONMENT},
                      'transparent_hugepages': host_memory.transparent_hugepages()},
     }
+    if args.compare_timm:
+        results['platform'] |= {'torch': torch.__version__, 'timm': timm.__version__}
+    host = (f': {results["platform"]["host_cpu"]}, {os.cpu_count()} CPUs'
+            if target.platform == 'cpu' else '')
     print(f'Benchmarking {args.model} on {results["platform"]["device_kind"]} '
-          f'({results["platform"]["backend"]}), batch {args.batch_size}, '
+          f'({results["platform"]["backend"]}{host}), batch {args.batch_size}, '
           f'{args.image_size}px, {args.dtype}', flush=True)
     results['sequencer_jax'] = benchmark_jax(model, args.batch_size, args.image_size,
                                              args.warmup, args.reps, args.iters,

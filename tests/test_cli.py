@@ -34,6 +34,8 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
     assert written['config']['model_args']['scan_blocks'] is True
     assert set(written['platform']['environment']) == set(benchmark.ENVIRONMENT)
     assert written['platform']['transparent_hugepages'] in (None, 'always', 'madvise', 'never')
+    assert written['platform']['host_cpu'] == benchmark.host_cpu() != ''
+    assert 'torch' not in written['platform']  # measured without --compare-timm
     rates = results['flop_rates']
     assert rates['train']['gflops_per_step'] == 3 * rates['forward']['gflops_per_step']
     for row in rates.values():
@@ -169,6 +171,16 @@ def test_benchmark_compile_only_shows_remat_saving_memory(capsys):
     with pytest.raises(SystemExit) as err:
         benchmark.main(['--compile-only', '--compare-timm'])
     assert err.value.code == 2
+
+
+def test_the_benchmark_names_the_cpu_with_its_family_and_model():
+    amd = ('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n'
+           'model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\nprocessor\t: 1\n'
+           'model name\t: Other\n')
+    assert benchmark.cpu_name(amd) == 'AMD EPYC (family 26, model 2)'
+    assert benchmark.cpu_name('model name\t: Intel(R) Xeon(R) Platinum 8481C\n') == (
+        'Intel(R) Xeon(R) Platinum 8481C')
+    assert benchmark.cpu_name('processor\t: 0\nBogoMIPS\t: 48.00\n') is None  # e.g. arm64
 
 
 def test_convert_cli_runs_without_runpy_warning():

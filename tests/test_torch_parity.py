@@ -103,3 +103,19 @@ def test_exported_weights_give_timm_the_same_logits(tmp_path):
     reference.load_state_dict(load_file(str(exported)), strict=True)
     np.testing.assert_allclose(np.asarray(model.apply(variables, images)),
                                torch_reference.logits(reference, images), atol=1e-4, rtol=0)
+
+
+def test_benchmark_measures_timm_beside_us_in_one_run(tmp_path):
+    """--compare-timm: timm's figures, the ratios, and the versions that produced them."""
+    import timm
+    from sequencer_jax import benchmark
+    tiny = '{"layers": [1, 1, 1, 1], "embed_dims": [16, 24, 24, 24], "hidden_sizes": [4, 6, 6, 6]}'
+    results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '2',
+                              '--image-size', '28', '--num-classes', '5', '--reps', '2',
+                              '--warmup', '1', '--model-args', tiny, '--compare-timm'])
+    for part in ('forward', 'train'):
+        assert results['ratio'][part] == pytest.approx(
+            results['sequencer_jax'][part]['images_per_s']
+            / results['timm'][part]['images_per_s'])
+    assert (results['platform']['torch'], results['platform']['timm']) == (
+        torch.__version__, timm.__version__)
