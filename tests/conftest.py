@@ -4,8 +4,12 @@ import importlib
 import json
 import os
 
-# Must happen before jax is imported anywhere in the test session.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Must happen before jax is imported anywhere in the test session. The 8 fake devices'
+# threads share 2 cores with another test worker: one may reach a collective more than
+# XLA's default 40 s after the others, which then abort the process (seen once in CI, in
+# a resumed 8-device training); that is load, not a hang, so they wait longer here.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_cpu_collective_call_terminate_timeout_seconds=600')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # noqa: E402
