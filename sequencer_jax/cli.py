@@ -92,14 +92,15 @@ def check_args(argv, **required) -> None:
 
 
 @contextlib.contextmanager
-def input_errors():
-    """Bad input found while the CLI works (a ``ValueError``: a config value, a dataset, a
-    checkpoint that does not fit) ends it with ``error: MESSAGE`` alone and exit status 1.
-    absl's UsageError would print the module's whole flag help before the message, which
-    is about flags and says nothing of these."""
+def stop_with_message(*errors: type[Exception]):
+    """One of ``errors`` ends the CLI with ``error: MESSAGE`` alone and exit status 1: bad
+    input found while it works (a ``ValueError``: a config value, a dataset, a checkpoint
+    that does not fit), or a run that stopped itself. absl's UsageError would print the
+    module's whole flag help before the message, which is about flags and says nothing of
+    these."""
     try:
         yield
-    except ValueError as e:
+    except errors as e:
         raise SystemExit(f'error: {e}') from None
 
 
@@ -110,7 +111,7 @@ def config_or_saved(directory: flags.FlagHolder, example: str) -> config_dict.Co
     if CONFIG.value is not None:
         return CONFIG.value
     from sequencer_jax import config_defaults  # imports the model: after the flags
-    with input_errors():
+    with stop_with_message(ValueError):
         config = config_defaults.saved_config(directory.value)
     saved = storage.resolve(directory.value) / config_defaults.SAVED_CONFIG_FILE
     if config is None:

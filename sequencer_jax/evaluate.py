@@ -114,7 +114,7 @@ def main(argv) -> None:
         compared = [resolution.load_rows(p) for p in _COMPARE.value]
     except (ValueError, OSError) as e:
         raise app.UsageError(f'--compare: {e}') from None
-    with cli.input_errors():
+    with cli.stop_with_message(ValueError):
         resolutions = [config.eval_image_size or config.image_size]
         if _RESOLUTIONS.value:
             if not all(r.strip().isdigit() for r in _RESOLUTIONS.value):

@@ -59,11 +59,8 @@ def main(argv) -> None:
                                  '--config=configs/default.py')
     from sequencer_jax.train import checkpoint, loop
     try:
-        with cli.input_errors():
+        with cli.stop_with_message(ValueError, loop.TrainingStopped):
             loop.train_and_evaluate(config, _WORKDIR.value)
-    except loop.TrainingStopped as e:
-        # Not a usage error (no flag help), and the message is the whole story.
-        raise SystemExit(f'error: {e}') from None
     except checkpoint.CheckpointSaveError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         # The failed write's threads print hundreds of tensorstore "Event loop is closed"

@@ -108,7 +108,7 @@ def main(argv) -> None:
     if output is None or output.suffix.lower() != '.png':
         raise app.UsageError(f'--output={_OUTPUT.value}: give a .png file (the raw map goes '
                              'next to it as .npy).')
-    with cli.input_errors():
+    with cli.stop_with_message(ValueError):
         erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
     with output.with_suffix('.npy').open('wb') as f:
         np.save(f, erf)

@@ -148,7 +148,7 @@ def main(argv) -> None:
     config = cli.config_or_saved(cli.CHECKPOINT, 'the config of the model and the batch '
                                  'size, e.g. --config=configs/imagenet.py')
     output_json = cli.output_file(cli.OUTPUT_JSON)
-    with cli.input_errors():
+    with cli.stop_with_message(ValueError):
         result = run_suite(config, cli.CHECKPOINT.value, _SUITE.value)
     if jax.process_index() != 0:
         return
