@@ -587,7 +587,7 @@ def main(argv=None) -> dict[str, Any]:
     }
     if args.compare_timm:
         results['platform'] |= {'torch': torch.__version__, 'timm': timm.__version__}
-    host = (f': {results["platform"]["host_cpu"]}, {os.cpu_count()} CPUs'
+    host = (f': {results["platform"]["host_cpu"]}, {results["platform"]["cpus"]} CPUs'
             if target.platform == 'cpu' else '')
     print(f'Benchmarking {args.model} on {results["platform"]["device_kind"]} '
           f'({results["platform"]["backend"]}{host}), batch {args.batch_size}, '

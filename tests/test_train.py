@@ -464,7 +464,7 @@ def test_the_cli_ends_a_run_whose_checkpoint_fails_with_its_message_last(data_di
         [sys.executable, str(driver), '--config=configs/default.py',
          f'--workdir={tmp_path / "w"}', f'--config.dataset.data_dir={data_dir}',
          '--config.num_train_steps=2', '--config.progress=lines', *tiny],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2'),
+        cwd=ROOT, env=_cli_env(),
         timeout=600, capture_output=True, text=True)
     assert run.returncode == 1, run.stderr[-3000:]
     assert run.stderr.rstrip().splitlines()[-1] == (
@@ -761,11 +761,14 @@ def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_p
                                             'resolutions': [32], **kwargs})
 
 
-def _cli(args, env_extra=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2')
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+def _cli_env(**extra):
+    """The environment of a CLI run from this checkout, with ``extra`` variables."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2', **extra)
+
+
+def _cli(args, timeout=600):
+    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=_cli_env(),
+                          timeout=timeout, capture_output=True, text=True)
 
 
 def test_a_missing_train_split_stops_before_the_workdir_gets_anything(data_dir, tmp_path):
@@ -853,8 +856,7 @@ def _two_processes(workdir, data_dir, timeout=600):
             '--config.num_train_steps=4', '--config.log_every_steps=2',
             '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
             f'--config.dataset.data_dir={data_dir}', '--config.progress=lines']
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='2',
-               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    env = _cli_env(XLA_FLAGS='--xla_force_host_platform_device_count=2')
     procs = [subprocess.Popen([sys.executable, '-m', *args, f'--process_id={i}'], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
