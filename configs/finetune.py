@@ -17,6 +17,7 @@ Example: ``--config=configs/finetune.py:task=cifar10,model=sequencer2d_s``.
 """
 
 from sequencer_jax import config_defaults
+from sequencer_jax.errors import UserError
 
 # task -> (TFDS name, train split, eval split)
 TRANSFER = {
@@ -63,7 +64,7 @@ def _set_task(config, task):
     elif task in TRANSFER:
         _transfer(config, task)
     else:
-        raise ValueError(f'Unknown fine-tuning task {task!r}; expected one of '
+        raise UserError(f'Unknown fine-tuning task {task!r}; expected one of '
                          f'{sorted(TRANSFER) + ["imagenet392"]}.')
     config.task = task
 

@@ -37,19 +37,19 @@ for model in "${models[@]}"; do
   for dtype in "${dtypes[@]}"; do
     peak="PEAK_TFLOPS_${dtype^^}"
     for recurrence in "${recurrences[@]}"; do
-      args=(--model "${model}" --batch-size "${batch_size}" --dtype "${dtype}"
-            --model-args "{\"recurrence\": \"${recurrence}\"}"
-            --json "${OUT}/${model}_${dtype}_${recurrence}.json")
+      args=(--model="${model}" --batch_size="${batch_size}" --dtype="${dtype}"
+            --model_args="{\"recurrence\": \"${recurrence}\"}"
+            --output_json="${OUT}/${model}_${dtype}_${recurrence}.json")
       if [[ "${TIMM:-1}" == 1 && "${recurrence}" == "${recurrences[0]}" ]]; then
-        args+=(--compare-timm)
+        args+=(--compare_timm)
       fi
       if [[ -n "${!peak:-}" ]]; then
-        args+=(--peak-tflops "${!peak}")
+        args+=(--peak_tflops="${!peak}")
       fi
       run python -m sequencer_jax.benchmark "${args[@]}"
     done
   done
 done
 
-run python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
-  --model-args '{"scan_blocks": true, "remat": true}' --json "${OUT}/sequencer2d_l_b64_remat.json"
+run python -m sequencer_jax.benchmark --model=sequencer2d_l --batch_size=64 \
+  --model_args='{"scan_blocks": true, "remat": true}' --output_json="${OUT}/sequencer2d_l_b64_remat.json"

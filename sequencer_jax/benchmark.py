@@ -1,23 +1,23 @@
 """Throughput, compile time and memory of a Sequencer variant, side by side with timm.
 
-    python -m sequencer_jax.benchmark --model sequencer2d_s --batch-size 8 --image-size 224 \
-        --compare-timm --json bench.json
+    python -m sequencer_jax.benchmark --model=sequencer2d_s --batch_size=8 --image_size=224 \
+        --compare_timm --output_json=bench.json
 
 Measures in one run: compile time of the forward and of the train step (forward,
 backward, AdamW update), images/s of both (warm-up excluded; median and spread over
-``--reps`` timed repetitions), and memory; with ``--compare-timm`` the same for timm's
+``--reps`` timed repetitions), and memory; with ``--compare_timm`` the same for timm's
 PyTorch model on the same device and thread count, and the ratios. Model FLOPs (the
 forward's matmuls and convolutions, counted from its jaxpr; a train step counts three
 forwards; timm's model does the same math) give both sides an achieved FLOP/s, and a
-model FLOPs utilisation with ``--peak-tflops`` (the device's peak for the dtype).
+model FLOPs utilisation with ``--peak_tflops`` (the device's peak for the dtype).
 ``--gemm`` adds the throughput of the model's largest GEMMs in their three forms
 (forward ``x @ w``, input gradient ``dy @ w.T``, weight gradient ``x.T @ dy``; XLA next
 to torch, XLA first): the bound on what a compiler can do for a model whose FLOPs are
-mostly in those GEMMs. ``--compile-only`` reports compile times and XLA's memory
+mostly in those GEMMs. ``--compile_only`` reports compile times and XLA's memory
 estimate without running, e.g.
 
-    python -m sequencer_jax.benchmark --model sequencer2d_l --batch-size 64 \
-        --model-args '{"remat": true, "scan_blocks": true}' --compile-only
+    python -m sequencer_jax.benchmark --model=sequencer2d_l --batch_size=64 \
+        --model_args='{"remat": true, "scan_blocks": true}' --compile_only
 
 and ``--target`` does the same for a GPU or TPU this machine does not have: ``h100``,
 ``h200`` or an XLA:GPU target-config file (XLA:GPU compiles for the description; needs
@@ -29,13 +29,13 @@ Mosaic.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
 import platform
 import statistics
 import time
+import types
 from typing import Any, Callable
 
 import jax
@@ -44,19 +44,21 @@ import numpy as np
 import optax
 from jax.experimental import topologies
 from jax.extend import core as jax_core
+from absl import flags
 from jax.sharding import SingleDeviceSharding
 
-from sequencer_jax import arguments, host_memory, storage, xla_options
+from sequencer_jax import cli, config_defaults, errors, host_memory, storage, xla_options
+from sequencer_jax.errors import UserError
 from sequencer_jax.models import registry
 from sequencer_jax.train import state as state_lib
 from sequencer_jax.train import steps
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = config_defaults.DTYPES
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.05
 # The paper's on-device mixing, so that the step measured is the step trained.
 MIXING = (('mixup_alpha', 0.8), ('cutmix_alpha', 1.0), ('switch_prob', 0.5), ('smoothing', 0.1))
-# --model-args that change the architecture, passed to timm too so both sides match.
+# --model_args that change the architecture, passed to timm too so both sides match.
 TIMM_ARCH_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
                   'bidirectional', 'union', 'with_fc')
 # Settings outside the program that move CPU results by 10% or more (see the README).
@@ -102,10 +104,10 @@ def target_device(target: str) -> jax.Device:
                                                     platform='tpu')
         except RuntimeError as e:
             if 'not installed' in str(e):
-                raise ValueError(f'--target {target} needs libtpu (no TPU needed): '
+                raise UserError(f'--target {target} needs libtpu (no TPU needed): '
                                  'pip install "jax[tpu]"') from e
             # e.g. libtpu's lock: one process at a time unless ALLOW_MULTIPLE_LIBTPU_LOAD=1.
-            raise ValueError(f'--target {target}: libtpu did not start: {e}') from e
+            raise UserError(f'--target {target}: libtpu did not start: {e}') from e
         return topology.devices[0]
     if target in GPU_TARGETS:
         config = GPU_TARGETS[target]
@@ -113,17 +115,17 @@ def target_device(target: str) -> jax.Device:
         with open(target) as f:
             config = f.read()
     else:
-        raise ValueError(f'--target {target!r} is neither one of '
+        raise UserError(f'--target {target!r} is neither one of '
                          f'{sorted(GPU_TARGETS) + sorted(TPU_TOPOLOGIES)} '
                          'nor an XLA:GPU target-config file.')
     try:
         topology = topologies.get_topology_desc(platform='cuda', topology='1x1x1',
                                                 target_config=config)
     except NotImplementedError as e:
-        raise ValueError(f"--target {target} needs jax's CUDA plugin (no GPU needed): "
+        raise UserError(f"--target {target} needs jax's CUDA plugin (no GPU needed): "
                          'pip install "jax[cuda12]"') from e
     except jax.errors.JaxRuntimeError as e:
-        raise ValueError(f'--target {target!r}: XLA rejected the target config: {e}') from e
+        raise UserError(f'--target {target!r}: XLA rejected the target config: {e}') from e
     return topology.devices[0]
 
 
@@ -412,7 +414,7 @@ def flop_rates(results: dict[str, Any], peak_tflops: float | None) -> dict[str, 
 
 def _print_flop_rates(rates: dict[str, dict]) -> None:
     print('\nModel FLOPs (matmuls and convolutions; train step = 3 forwards) and achieved '
-          'TFLOP/s [utilisation of --peak-tflops]')
+          'TFLOP/s [utilisation of --peak_tflops]')
     for key, row in rates.items():
         line = f'  {key:<8}{row["gflops_per_step"]:>9.4g} GFLOP/step'
         for side, label in (('sequencer_jax', 'ours'), ('timm', 'timm')):
@@ -493,84 +495,82 @@ def _print_gemm(rows: list[dict[str, Any]]) -> None:
         print(line)
 
 
-def main(argv=None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog='python -m sequencer_jax.benchmark',
-                                     description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='sequencer2d_s', choices=registry.list_models())
-    parser.add_argument('--batch-size', type=arguments.at_least(1), default=8)
-    parser.add_argument('--image-size', type=arguments.at_least(1), default=224)
-    parser.add_argument('--num-classes', type=arguments.at_least(1), default=1000)
-    parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
-    parser.add_argument('--warmup', type=arguments.at_least(0), default=2,
-                        help='untimed calls first')
-    parser.add_argument('--reps', type=arguments.at_least(1), default=5,
-                        help='timed repetitions')
-    parser.add_argument('--iters', type=arguments.at_least(1), default=1,
-                        help='calls per repetition')
-    parser.add_argument('--forward-only', action='store_true', help='skip the train step')
-    parser.add_argument('--compile-only', action='store_true',
-                        help='only compile: compile times and XLA\'s memory estimate')
-    parser.add_argument('--target', default=None,
-                        help='compile for this GPU or TPU without having one (implies '
-                             f'--compile-only): one of {sorted(GPU_TARGETS)} or an XLA:GPU '
-                             'target-config file (needs pip install "jax[cuda12]"), or a '
-                             f'chip of a TPU {sorted(TPU_TOPOLOGIES)} (needs pip install '
-                             '"jax[tpu]")')
-    parser.add_argument('--gemm', action='store_true',
-                        help='also measure the matmul throughput of the model\'s largest '
-                             'GEMM shapes (with --compare-timm: XLA next to torch)')
-    parser.add_argument('--peak-tflops', type=arguments.positive_float, default=None,
-                        help='the device\'s peak TFLOP/s for --dtype: adds model FLOPs '
-                             'utilisation (MFU) of both sides')
-    parser.add_argument('--compare-timm', action='store_true',
-                        help='also measure timm (needs torch and timm installed)')
-    parser.add_argument('--threads', type=arguments.at_least(1), default=None,
-                        help='torch intra-op threads (default: all cores, as XLA uses)')
-    parser.add_argument('--grad-accum-steps', type=arguments.at_least(1), default=1,
-                        help='the train step sums its gradient over this many micro-batches '
-                             '(config.grad_accum_steps); must divide --batch-size')
-    parser.add_argument('--model-args', default='{}',
-                        help='JSON overrides, e.g. \'{"scan_blocks": true, "unroll": 2}\'')
-    parser.add_argument('--json', default=None, help='also write the results here')
-    args = parser.parse_args(argv)
-    try:
-        output_json = storage.output_file(args.json) if args.json else None
-    except ValueError as e:
-        parser.exit(2, f'error: --json {args.json}: {e}\n')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'compute dtype')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed calls first', lower_bound=0)
+_REPS = flags.DEFINE_integer('reps', 5, 'timed repetitions', lower_bound=1)
+_ITERS = flags.DEFINE_integer('iters', 1, 'calls per repetition', lower_bound=1)
+_FORWARD_ONLY = flags.DEFINE_bool('forward_only', False, 'skip the train step')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False,
+                                  "only compile: compile times and XLA's memory estimate")
+_TARGET = flags.DEFINE_string(
+    'target', None, 'compile for this GPU or TPU without having one (implies '
+    f'--compile_only): one of {sorted(GPU_TARGETS)} or an XLA:GPU target-config file (needs '
+    f'pip install "jax[cuda12]"), or a chip of a TPU {sorted(TPU_TOPOLOGIES)} (needs pip '
+    'install "jax[tpu]")')
+_GEMM = flags.DEFINE_bool('gemm', False, "also measure the matmul throughput of the model's "
+                          'largest GEMM shapes (with --compare_timm: XLA next to torch)')
+_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None, "the device's peak TFLOP/s for "
+                                  '--dtype: adds model FLOPs utilisation (MFU) of both sides')
+_COMPARE_TIMM = flags.DEFINE_bool('compare_timm', False,
+                                  'also measure timm (needs torch and timm installed)')
+_THREADS = flags.DEFINE_integer('threads', None, 'torch intra-op threads (default: all '
+                                'cores, as XLA uses)', lower_bound=1)
+_GRAD_ACCUM_STEPS = flags.DEFINE_integer(
+    'grad_accum_steps', 1, 'the train step sums its gradient over this many micro-batches '
+    '(config.grad_accum_steps); must divide --batch_size', lower_bound=1)
+for _name in ('model', 'batch_size', 'image_size', 'num_classes', 'model_args', 'output_json'):
+    flags.declare_key_flag(_name)
+# Defaults of the shared flags.
+DEFAULT_MODEL, DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES = \
+    'sequencer2d_s', 8, 224, 1000
+
+
+def _arguments() -> types.SimpleNamespace:
+    """The flags' values (recorded in the results' ``config``), checked together."""
+    args = types.SimpleNamespace(
+        model=cli.MODEL.value or DEFAULT_MODEL,
+        batch_size=cli.BATCH_SIZE.value or DEFAULT_BATCH_SIZE,
+        image_size=cli.IMAGE_SIZE.value or DEFAULT_IMAGE_SIZE,
+        num_classes=cli.NUM_CLASSES.value or DEFAULT_NUM_CLASSES, dtype=_DTYPE.value,
+        warmup=_WARMUP.value, reps=_REPS.value, iters=_ITERS.value,
+        forward_only=_FORWARD_ONLY.value, compile_only=_COMPILE_ONLY.value,
+        target=_TARGET.value, gemm=_GEMM.value, peak_tflops=_PEAK_TFLOPS.value,
+        compare_timm=_COMPARE_TIMM.value, threads=_THREADS.value,
+        grad_accum_steps=_GRAD_ACCUM_STEPS.value, model_args=cli.MODEL_ARGS.value,
+        output_json=cli.OUTPUT_JSON.value)
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        raise UserError(f'--peak_tflops={args.peak_tflops} must be a positive number.')
+    if args.target and (args.compare_timm or args.gemm):
+        raise UserError('--target only compiles; drop --compare_timm and --gemm.')
+    if args.compile_only and args.compare_timm:
+        raise UserError('--compile_only measures no speed; drop --compare_timm.')
+    if args.grad_accum_steps > 1 and (args.compare_timm or args.forward_only):
+        raise UserError('--grad_accum_steps changes only our train step; drop --compare_timm '
+                        'and --forward_only.')
+    if args.batch_size % args.grad_accum_steps:
+        raise UserError(f'--grad_accum_steps={args.grad_accum_steps} must divide '
+                        f'--batch_size={args.batch_size}.')
+    if args.compare_timm:
+        errors.require_package('timm', '--compare_timm', extra='torch')
+    return args
+
+
+def main(argv) -> dict[str, Any]:
+    del argv
+    args = _arguments()
+    output_json = cli.output_file(cli.OUTPUT_JSON)
     device = None
     if args.target:
-        if args.compare_timm or args.gemm:
-            parser.exit(2, 'error: --target only compiles; drop --compare-timm and '
-                           '--gemm.\n')
         # Before any backend starts: a GPU or TPU backend that failed to start (none here)
         # would take the plugin's compile-only devices with it.
         jax.config.update('jax_platforms', 'cpu')
-        try:
-            device = target_device(args.target)
-        except ValueError as e:
-            parser.exit(2, f'error: {e}\n')
-    try:
-        overrides = registry.overrides_from_json(args.model_args)
-        model = registry.create_model(args.model, args.num_classes, DTYPES[args.dtype],
-                                      **overrides)
-        model._check_input(jnp.zeros((1, args.image_size, args.image_size, 3)))
-    except ValueError as e:
-        parser.exit(2, f'error: {e}\n')
-    if args.compile_only and args.compare_timm:
-        parser.exit(2, 'error: --compile-only measures no speed; drop --compare-timm.\n')
-    if args.grad_accum_steps > 1 and (args.compare_timm or args.forward_only):
-        parser.exit(2, 'error: --grad-accum-steps changes only our train step; drop '
-                       '--compare-timm and --forward-only.\n')
-    if args.batch_size % args.grad_accum_steps:
-        parser.exit(2, f'error: --grad-accum-steps {args.grad_accum_steps} must divide '
-                       f'--batch-size {args.batch_size}.\n')
+        device = target_device(args.target)
+    overrides = registry.overrides_from_json(args.model_args)
+    model = registry.create_model(args.model, args.num_classes, DTYPES[args.dtype], **overrides)
+    model.check_input_shape((1, args.image_size, args.image_size, model.in_chans))
     if args.compare_timm:
-        try:
-            import timm
-            import torch
-        except ImportError:
-            parser.exit(2, 'error: --compare-timm needs torch and timm: '
-                           'pip install "sequencer-jax[torch]"\n')
+        import timm  # the optional reference, checked above
+        import torch
         torch.set_num_threads(args.threads or os.cpu_count())
 
     target = device or jax.devices()[0]
@@ -625,5 +625,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-    host_memory.rerun_with_huge_pages()
-    main()
+    cli.run(main, huge_pages=True)

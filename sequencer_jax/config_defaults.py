@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from sequencer_jax import storage
+from sequencer_jax.errors import UserError
+from sequencer_jax.models import registry
 from sequencer_jax.models.sequencer import RECURRENCES, Sequencer
+from sequencer_jax.train import mesh as mesh_lib
 
 # In a training workdir: the config of the run's latest start (``to_json_best_effort``).
 SAVED_CONFIG_FILE = 'config.json'
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # config.compute_dtype
+PROGRESS_MODES = ('auto', 'bar', 'lines')  # config.progress
 
 # Fields of Sequencer that are not options of a config's model: the class count comes
 # from model.num_classes or the dataset, the dtypes from compute_dtype.
@@ -37,16 +46,16 @@ def model_args_config(**overrides) -> ml_collections.ConfigDict:
 def dataset_config(name: str, **overrides) -> ml_collections.ConfigDict:
     """``config.dataset``: which TFDS dataset and how to read it."""
     config = ml_collections.ConfigDict(dict(
-        name=name,
+        name=name,  # a TFDS name, e.g. imagenet2012, cifar10, or sklearn_digits (embedded)
         data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS default
-        train_split='train',
-        eval_split=ml_collections.FieldReference(None, field_type=str),  # None: auto
-        image_key='image',
+        train_split='train',  # a TFDS split expression, e.g. 'train[:90%]'
+        eval_split=ml_collections.FieldReference(None, field_type=str),  # None: validation or test
+        image_key='image',  # the features holding the image and its class
         label_key='label',
-        shuffle_buffer=16_384,
-        prefetch=2,
-        deterministic=True,
-        skip_corrupt=False,
+        shuffle_buffer=16_384,  # examples shuffled at a time, per process
+        prefetch=2,  # batches prepared ahead
+        deterministic=True,  # False: tf.data may reorder examples, for speed
+        skip_corrupt=False,  # True: skip undecodable images with a warning, not stop
     ))
     config.update(overrides)
     return config
@@ -56,14 +65,14 @@ def augment_config(**overrides) -> ml_collections.ConfigDict:
     """``config.augment``: the DeiT recipe used by Sequencer (set a part to None / 0 to
     switch it off)."""
     config = ml_collections.ConfigDict(dict(
-        crop_scale=(0.08, 1.0),
-        flip=True,
+        crop_scale=(0.08, 1.0),  # random resized crop's area range; None: resize only
+        flip=True,  # random horizontal flip
         randaugment=ml_collections.ConfigDict(dict(
             num_layers=2, magnitude=9.0, magnitude_std=0.5)),  # rand-m9-mstd0.5-inc1
-        erase_prob=0.25,
-        mixup_alpha=0.8,
-        cutmix_alpha=1.0,
-        switch_prob=0.5,
+        erase_prob=0.25,  # random erasing (one box of noise)
+        mixup_alpha=0.8,  # on device; 0: off
+        cutmix_alpha=1.0,  # on device; 0: off
+        switch_prob=0.5,  # with both on: the chance of cutmix instead of mixup
         label_smoothing=0.1,
     ))
     for key, value in overrides.items():
@@ -78,35 +87,35 @@ def base_config() -> ml_collections.ConfigDict:
     are errors (the returned dict is locked by the caller's ``config.lock()``).
     """
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # the one root of every random key and of the data order
     config.model = ml_collections.ConfigDict(dict(
-        name='sequencer2d_s',
+        name='sequencer2d_s',  # a registered variant (sequencer_jax.list_models())
         args=model_args_config(drop_path_rate=0.1),  # options of create_model
         num_classes=ml_collections.FieldReference(None, field_type=int),  # None: dataset's
     ))
     config.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params stay float32
     config.dataset = dataset_config('imagenet2012')
     config.augment = augment_config()
-    config.image_size = 224
+    config.image_size = 224  # train images' side in pixels
     config.eval_image_size = ml_collections.FieldReference(None, field_type=int)  # None: same
-    config.crop_pct = 0.875
+    config.crop_pct = 0.875  # eval: shorter side resized to size / crop_pct, centre crop
     config.batch_size = 1024  # global
     # Micro-batches per step: the same update with 1/N of the activation memory, N x slower.
     config.grad_accum_steps = 1
     config.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: same
-    config.num_epochs = 300
+    config.num_epochs = 300  # the run's length, unless num_train_steps is set
     config.num_train_steps = ml_collections.FieldReference(None, field_type=int)  # overrides
     config.optimizer = ml_collections.ConfigDict(dict(
         base_lr=2e-3,             # at reference_batch_size, scaled linearly
         reference_batch_size=2048,
-        warmup_epochs=20,
+        warmup_epochs=20,         # linear from warmup_lr to the peak, then cosine
         warmup_lr=1e-6,
-        min_lr=1e-6,
+        min_lr=1e-6,              # the cosine's floor
         weight_decay=0.05,        # not applied to biases, norms, position embeddings
-        b1=0.9,
+        b1=0.9,                   # AdamW's moments
         b2=0.999,
         eps=1e-8,
-        grad_clip_norm=ml_collections.FieldReference(None, field_type=float),
+        grad_clip_norm=ml_collections.FieldReference(None, field_type=float),  # global norm
     ))
     config.ema_decay = ml_collections.FieldReference(None, field_type=float)  # e.g. 0.99996
     # Tuples, not lists: ml_collections overrides tuples from the command line,
@@ -115,10 +124,11 @@ def base_config() -> ml_collections.ConfigDict:
     # (regex over the parameter path, rule): 'fsdp' shards the largest dimension that
     # divides by the fsdp axis; 'replicate' keeps a full copy on every device.
     config.param_rules = (('.*', 'fsdp'),)
-    config.log_every_steps = 50
-    config.eval_every_steps = 5000
+    # Periodic actions, each also after the last step.
+    config.log_every_steps = 50  # metrics.jsonl, TensorBoard, progress
+    config.eval_every_steps = 5000  # the whole eval split (and with EMA, its weights too)
     config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
+    config.keep_checkpoints = 3  # the newest ones, besides the best by best_metric
     config.best_metric = 'eval/top1'  # one of BEST_METRICS, or None: only the newest
     config.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tuning
     config.requires_init_from = False  # True: training refuses to start without init_from
@@ -171,10 +181,13 @@ BEST_METRICS = tuple(f'{prefix}/{name}' for prefix in ('eval', 'eval_ema')
                      for name in ('top1', 'top5', 'loss'))
 
 
-def check_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
-    """Raises ValueError naming every number of a config that is out of range (e.g.
-    ``--config.batch_size=0``) and, for ``training``, a bad ``best_metric`` or a missing
-    ``init_from`` that the config requires; before anything is built or read."""
+def validate(config: ml_collections.ConfigDict, devices=None, training: bool = True) -> None:
+    """Every check of a config, before anything is read, built or written: one UserError
+    naming all its problems. Numbers out of range (``--config.batch_size=0``), the model's
+    options and image sizes, the dtype, the progress mode, the mesh over ``devices``
+    (default: all) and the sharding rules, the batch sizes against the mesh's batch shards
+    and the processes; for ``training``, ``best_metric`` and a fine-tuning config's
+    ``init_from``."""
     problems = []
     for key, valid, requirement in _RANGES:
         value = config
@@ -182,10 +195,74 @@ def check_config(config: ml_collections.ConfigDict, training: bool = True) -> No
             value = value.get(part) if value is not None else None
         if value is not None and not valid(value):
             problems.append(f'config.{key}={value!r} must be {requirement}')
+    if config.compute_dtype not in DTYPES:
+        problems.append(f'config.compute_dtype must be one of {sorted(DTYPES)}, got '
+                        f'{config.compute_dtype!r}')
+    else:
+        problems += _model_problems(config)
+    if config.get('progress', 'auto') not in PROGRESS_MODES:
+        problems.append(f'config.progress must be one of {list(PROGRESS_MODES)}, got '
+                        f'{config.progress!r}')
+    problems += _caught(lambda: mesh_lib.check_rules(config.param_rules))
+    try:
+        problems += _batch_problems(config, mesh_lib.make_mesh(config.mesh, devices), training)
+    except UserError as e:
+        problems.append(str(e))
     if training:
         problems += _training_problems(config)
     if problems:
-        raise ValueError('Bad config: ' + '; '.join(problems) + '.')
+        raise UserError('Bad config: ' + '; '.join(p.rstrip('.') for p in problems) + '.')
+
+
+def _caught(check: Callable[[], Any]) -> list[str]:
+    """The message of the UserError ``check`` raises, as a list of problems."""
+    try:
+        check()
+    except UserError as e:
+        return [str(e)]
+    return []
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> Sequencer:
+    """The model ``config.model`` names, with its options and ``config.compute_dtype``."""
+    options = {k: v for k, v in config.model.args.to_dict().items() if v is not None}
+    return registry.create_model(config.model.name, num_classes, DTYPES[config.compute_dtype],
+                                 **options)
+
+
+def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The model's options, and the image sizes it is given."""
+    try:
+        model = model_from_config(config, config.model.num_classes or 1)
+    except UserError as e:
+        return [str(e)]
+    sizes = {config.image_size, config.eval_image_size or config.image_size}
+    return [p for size in sorted(sizes) if size >= 1
+            for p in _caught(lambda size=size: model.check_input_shape((1, size, size, 3)))]
+
+
+def _batch_problems(config: ml_collections.ConfigDict, mesh, training: bool) -> list[str]:
+    """Batch sizes that do not split over the processes and the mesh's batch shards, and
+    micro-batches that do not split each device's share."""
+    shards = mesh_lib.num_batch_shards(mesh)
+    processes = jax.process_count()
+    eval_batch = config.eval_batch_size or config.batch_size
+    batches = {'config.batch_size': config.batch_size} if training else {}
+    batches['config.eval_batch_size' if config.eval_batch_size else 'config.batch_size'] = \
+        eval_batch
+    multiple = math.lcm(processes, shards)
+    problems = [f'{key}={batch} must divide by the number of processes ({processes}) and of '
+                f'batch shards on the mesh ({shards}); use a multiple of {multiple}'
+                for key, batch in batches.items() if batch >= 1 and batch % multiple]
+    share = config.batch_size // shards
+    accum = config.grad_accum_steps
+    if training and not problems and accum >= 1 and share % accum:
+        divisors = [d for d in range(1, share + 1) if share % d == 0]
+        problems.append(
+            f"config.grad_accum_steps={accum} must divide each device's share of the batch, "
+            f'{config.batch_size} / {shards} batch shards = {share} images; use one of '
+            f'{divisors}, or a config.batch_size that {accum} x {shards} divides')
+    return problems
 
 
 def _training_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -245,13 +322,13 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
         text = path.read_text()
     except Exception as e:  # noqa: BLE001 - each storage backend (gs://) has its own errors
         cause = str(e).splitlines()[0] if str(e) else ''
-        raise ValueError(f'Cannot read {path} ({type(e).__name__}: {cause}); check that it is '
+        raise UserError(f'Cannot read {path} ({type(e).__name__}: {cause}); check that it is '
                          'a readable file (for gs://: your credentials and network), or give '
                          'the config file instead, e.g. --config=configs/imagenet.py.') from None
     try:
         saved = json.loads(text)
     except ValueError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}); give the config file instead, '
+        raise UserError(f'{path} is not valid JSON ({e}); give the config file instead, '
                          'e.g. --config=configs/imagenet.py.') from None
     config = base_config()
     _overlay(config, saved, path)
@@ -268,7 +345,7 @@ def _overlay(config: ml_collections.ConfigDict, saved: dict, path, prefix: str =
         try:
             config[key] = _tuples(value)
         except TypeError as e:
-            raise ValueError(f'{path}: {prefix}{key}={value!r} does not fit the config ({e}); '
+            raise UserError(f'{path}: {prefix}{key}={value!r} does not fit the config ({e}); '
                              'correct the file or give the config file instead.') from None
 
 
@@ -293,7 +370,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
             continue
         key, sep, value = part.partition('=')
         if not sep or key not in variants:
-            raise ValueError(f'Bad config variant {part!r} in {arg!r}: expected key=value '
+            raise UserError(f'Bad config variant {part!r} in {arg!r}: expected key=value '
                              f'with key in {sorted(variants)}.')
         variants[key](config, value)
     return config
@@ -313,7 +390,7 @@ def set_mesh(config: ml_collections.ConfigDict, value: str) -> None:
     try:
         data, fsdp = (int(v) for v in value.split('x'))
     except ValueError:
-        raise ValueError(f'Unknown mesh {value!r}: use data, fsdp or DxF (e.g. 4x2).') from None
+        raise UserError(f'Unknown mesh {value!r}: use data, fsdp or DxF (e.g. 4x2).') from None
     config.mesh = (('data', data), ('fsdp', fsdp))
 
 
@@ -326,14 +403,14 @@ def set_remat(config: ml_collections.ConfigDict, value: str) -> None:
     """Variant ``remat=true|false``: recompute each block in the backward pass (with
     ``scan_blocks``, what fits sequencer2d_l at batch 64 in a 16 GB device)."""
     if value not in ('true', 'false'):
-        raise ValueError(f'Bad remat {value!r}: use remat=true or remat=false.')
+        raise UserError(f'Bad remat {value!r}: use remat=true or remat=false.')
     config.model.args.remat = value == 'true'
 
 
 def set_recurrence(config: ml_collections.ConfigDict, value: str) -> None:
     """Variant ``recurrence=natural|scan|pallas`` (see the model's ``recurrence``)."""
     if value not in RECURRENCES:
-        raise ValueError(f'Unknown recurrence {value!r}: use one of {list(RECURRENCES)}.')
+        raise UserError(f'Unknown recurrence {value!r}: use one of {list(RECURRENCES)}.')
     config.model.args.recurrence = value
 
 

@@ -18,18 +18,23 @@ import functools
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from sequencer_jax import cli, config_defaults, host_memory, storage, xla_options
+from sequencer_jax import cli, config_defaults, storage, weights, xla_options
+from sequencer_jax.data import pipeline
+from sequencer_jax.errors import UserError
+from sequencer_jax.experiments import resolution
+from sequencer_jax.train import mesh as mesh_lib, steps
 
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
 _CROP_PCT = flags.DEFINE_float('crop_pct', None, 'centre-crop fraction (default: config)')
 _SPLIT = flags.DEFINE_string('split', None, 'TFDS split (default: the config\'s eval split)')
-_EMA = flags.DEFINE_bool('ema', False, 'evaluate the EMA weights of a training checkpoint')
 _LABEL = flags.DEFINE_string('label', None, 'name of this checkpoint in JSON and plots')
 _PLOT = flags.DEFINE_string('plot', None, 'write a PNG of top-1 against resolution here')
 _COMPARE = flags.DEFINE_list('compare', [], 'earlier --output_json files to plot alongside')
+for _name in ('config', 'checkpoint', 'output_json', 'ema'):
+    flags.declare_key_flag(_name)
 
 
 def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
@@ -39,37 +44,31 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
 
     ``class_mask`` (bool [K]) restricts predictions to a class subset (ImageNet-A/R).
     """
-    from sequencer_jax.data import pipeline
-    from sequencer_jax.train import loop, mesh as mesh_lib, steps
-
-    config_defaults.check_config(config, training=False)
+    config_defaults.validate(config, training=False)
+    mesh = mesh_lib.make_mesh(config.mesh)
     if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ValueError(f'--crop_pct={crop_pct} must be in (0, 1], e.g. 0.875.')
+        raise UserError(f'--crop_pct={crop_pct} must be in (0, 1], e.g. 0.875.')
     bad = [r for r in resolutions if r < 1]
     if bad:
-        raise ValueError(f'--resolutions must be positive image sizes, got {bad}.')
-    params, ema_params, model = loop.load_checkpoint_params(checkpoint_dir)
+        raise UserError(f'--resolutions must be positive image sizes, got {bad}.')
+    params, ema_params, model = weights.load_params(checkpoint_dir)
     spec = pipeline.dataset_spec(config.dataset)
     split = split or spec.eval_split
     examples = pipeline.split_examples(
         spec.builder, split, 'Give --split one of them, or a split expression such as '
         "'validation[:10%]'.")
     if model is None:
-        model = loop.build_model(config, config.model.num_classes or spec.num_classes)
+        model = config_defaults.model_from_config(
+            config, config.model.num_classes or spec.num_classes)
     if class_mask is None:  # a masked subset (ImageNet-A/R) has its own class count
-        loop.check_num_classes(model.num_classes, spec, f'The checkpoint {checkpoint_dir}')
+        pipeline.check_num_classes(model.num_classes, spec, f'The checkpoint {checkpoint_dir}')
     if use_ema:
         if ema_params is None:
-            raise ValueError(f'{checkpoint_dir} has no EMA weights; drop --ema.')
+            raise UserError(f'{checkpoint_dir} has no EMA weights; drop --ema.')
         params = ema_params
-    for resolution in resolutions:  # all now: not after the first ones' evaluation
-        model._check_input(jax.numpy.zeros((1, resolution, resolution, 3)))
-    params = loop.match_layout(params, model)
-    size = resolutions[0]
-    loop.check_params_fit(params, jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                                 jax.numpy.zeros((1, size, size, 3)))['params'],
-                          checkpoint_dir, config, f'The checkpoint {checkpoint_dir}')
-    mesh = mesh_lib.make_mesh(config.mesh)
+    for size in resolutions:  # all now: not after the first ones' evaluation
+        model.check_input_shape((1, size, size, model.in_chans))
+    params = weights.fitted(params, model, resolutions[0], checkpoint_dir, config)
     param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
     params = jax.device_put(params, param_shardings)
     batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -78,18 +77,17 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
                         in_shardings=(param_shardings, batch_sharding),
                         out_shardings=mesh_lib.replicated(mesh),
                         compiler_options=xla_options.compiler_options())
-    batch = config.eval_batch_size or config.batch_size
-    local_batch = pipeline.local_batch_size(batch, mesh_lib.num_batch_shards(mesh))
+    local_batch = pipeline.local_batch_size(config.eval_batch_size or config.batch_size)
     rows = []
-    for resolution in resolutions:
-        def batches(resolution=resolution):
-            ds, n = pipeline.eval_dataset(spec, config, local_batch, image_size=resolution,
+    for size in resolutions:
+        def batches(size=size):
+            ds, n = pipeline.eval_dataset(spec, config, local_batch, image_size=size,
                                           crop_pct=crop_pct, split=split)
             return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
 
         with jax.set_mesh(mesh):  # recurrence='pallas' splits its kernels over it
-            result = loop.evaluate(params, batches, eval_step)
-        rows.append({'resolution': resolution, **result, 'examples': examples})
+            result = steps.evaluate(params, batches, eval_step)
+        rows.append({'resolution': size, **result, 'examples': examples})
     return rows
 
 
@@ -102,27 +100,26 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv) -> None:
-    cli.check_args(argv, checkpoint=cli.CHECKPOINT)
+    del argv
+    cli.require(cli.CHECKPOINT)
     config = cli.config_or_saved(cli.CHECKPOINT, 'the config that names the dataset to '
                                  'evaluate on, e.g. --config=configs/imagenet.py')
     output_json = cli.output_file(cli.OUTPUT_JSON)
     plot = cli.output_file(_PLOT)
     if _COMPARE.value and not plot:
-        raise app.UsageError('--compare adds curves to --plot; give --plot=FILE.png too.')
-    from sequencer_jax.experiments import resolution  # matplotlib: only for this CLI
+        raise UserError('--compare adds curves to --plot; give --plot=FILE.png too.')
     try:
         compared = [resolution.load_rows(p) for p in _COMPARE.value]
-    except (ValueError, OSError) as e:
-        raise app.UsageError(f'--compare: {e}') from None
-    with cli.stop_with_message(ValueError):
-        resolutions = [config.eval_image_size or config.image_size]
-        if _RESOLUTIONS.value:
-            if not all(r.strip().isdigit() for r in _RESOLUTIONS.value):
-                raise ValueError(f'--resolutions={",".join(_RESOLUTIONS.value)}: give '
-                                 'comma-separated image sizes in pixels, e.g. 224,288.')
-            resolutions = [int(r) for r in _RESOLUTIONS.value]
-        rows = evaluate_checkpoint(config, cli.CHECKPOINT.value, resolutions, _CROP_PCT.value,
-                                   _SPLIT.value, _EMA.value)
+    except (UserError, OSError) as e:
+        raise UserError(f'--compare: {e}') from None
+    resolutions = [config.eval_image_size or config.image_size]
+    if _RESOLUTIONS.value:
+        if not all(r.strip().isdigit() for r in _RESOLUTIONS.value):
+            raise UserError(f'--resolutions={",".join(_RESOLUTIONS.value)}: give '
+                            'comma-separated image sizes in pixels, e.g. 224,288.')
+        resolutions = [int(r) for r in _RESOLUTIONS.value]
+    rows = evaluate_checkpoint(config, cli.CHECKPOINT.value, resolutions, _CROP_PCT.value,
+                               _SPLIT.value, cli.EMA.value)
     if jax.process_index() != 0:
         return
     print(format_table(rows))
@@ -136,5 +133,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-    host_memory.rerun_with_huge_pages()
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, huge_pages=True)

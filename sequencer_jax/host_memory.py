@@ -25,6 +25,8 @@ import os
 import sys
 from typing import Mapping
 
+from sequencer_jax.errors import UserError
+
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 TUNABLE = 'glibc.malloc.hugetlb'
 OPT_OUT = 'SEQUENCER_JAX_HUGETLB'
@@ -57,11 +59,11 @@ def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None,
                           glibc: tuple[int, int] | None) -> dict[str, str] | None:
     """``environ`` with the tunable added, or None where a re-run would change nothing
     (THP already on for all memory or off, no or an older glibc, another malloc
-    preloaded, opted out, or the tunable already set either way). Raises ValueError
+    preloaded, opted out, or the tunable already set either way). Raises UserError
     for a value of ``SEQUENCER_JAX_HUGETLB`` that is not one of ``OPT_OUT_VALUES``."""
     wanted = OPT_OUT_VALUES.get(environ.get(OPT_OUT, '').strip().lower())
     if wanted is None:
-        raise ValueError(f'{OPT_OUT}={environ[OPT_OUT]!r} is not understood: set it to 0 '
+        raise UserError(f'{OPT_OUT}={environ[OPT_OUT]!r} is not understood: set it to 0 '
                          'to keep 4 KiB pages for malloc, or unset it (or 1) to let the '
                          'CLI turn huge pages on where the kernel needs asking.')
     tunables = environ.get('GLIBC_TUNABLES', '')
@@ -75,14 +77,9 @@ def huge_page_environment(environ: Mapping[str, str], thp_mode: str | None,
 
 def rerun_with_huge_pages() -> None:
     """Re-executes this Python process with huge pages for malloc where that helps;
-    returns only where it does not. Call it first thing in a CLI's ``__main__``.
-    Exits with a message (status 2, as for a bad argument) for a value of
-    ``SEQUENCER_JAX_HUGETLB`` it does not understand."""
-    try:
-        environ = huge_page_environment(os.environ, transparent_hugepages(), glibc_version())
-    except ValueError as e:
-        print(f'sequencer_jax: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+    returns only where it does not. ``cli.run`` calls it first thing. A UserError for a
+    value of ``SEQUENCER_JAX_HUGETLB`` it does not understand."""
+    environ = huge_page_environment(os.environ, transparent_hugepages(), glibc_version())
     if environ is None or not sys.executable:  # embedded Pythons cannot be re-run
         return
     print(f'sequencer_jax: re-running with GLIBC_TUNABLES={environ["GLIBC_TUNABLES"]} '

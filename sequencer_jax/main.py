@@ -13,11 +13,11 @@ pods and SLURM clusters ``jax.distributed`` is initialised automatically; elsewh
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-from sequencer_jax import cli, host_memory
+from sequencer_jax import cli
+from sequencer_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints and logs')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -26,6 +26,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processe
                                       lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process',
                                    lower_bound=0)
+flags.declare_key_flag('config')
 
 
 def _cluster_detected() -> bool:
@@ -38,38 +39,29 @@ def _cluster_detected() -> bool:
 def initialize_distributed(coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
     """Starts jax.distributed when this is one process of several."""
-    import jax
+    import jax  # after the flags: --help and flag errors need no JAX
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise app.UsageError('--coordinator_address, --num_processes and --process_id '
-                                 'go together.')
+            raise UserError('--coordinator_address, --num_processes and --process_id go '
+                            'together.')
         if process_id >= num_processes:
-            raise app.UsageError(f'--process_id={process_id} must be below '
-                                 f'--num_processes={num_processes} (ids count from 0).')
+            raise UserError(f'--process_id={process_id} must be below '
+                            f'--num_processes={num_processes} (ids count from 0).')
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif _cluster_detected():
         jax.distributed.initialize()
 
 
 def main(argv) -> None:
-    cli.check_args(argv, workdir=_WORKDIR)
+    del argv
+    cli.require(_WORKDIR)
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = cli.config_or_saved(_WORKDIR, 'the config of a new run, e.g. '
                                  '--config=configs/default.py')
-    from sequencer_jax.train import checkpoint, loop
-    try:
-        with cli.stop_with_message(ValueError, loop.TrainingStopped):
-            loop.train_and_evaluate(config, _WORKDIR.value)
-    except checkpoint.CheckpointSaveError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        # The failed write's threads print hundreds of tensorstore "Event loop is closed"
-        # tracebacks while the interpreter shuts down, which would bury the message; nothing
-        # is left to write (metrics and checkpoints are closed).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # fd 2: Python and C++ threads write there
-        raise SystemExit(1) from None
+    from sequencer_jax.train import loop  # TensorFlow and orbax: after the flags
+    loop.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-    host_memory.rerun_with_huge_pages()
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, huge_pages=True)

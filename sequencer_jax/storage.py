@@ -15,6 +15,8 @@ from typing import Any
 
 from etils import epath
 
+from sequencer_jax.errors import UserError
+
 
 def resolve(path: str | os.PathLike) -> epath.Path:
     """``path`` as an ``epath.Path``: a bucket URL (``scheme://...``) unchanged, a local
@@ -31,16 +33,16 @@ def is_bucket(path: str | os.PathLike) -> bool:
 
 
 def created_dir(path: str | os.PathLike, what: str) -> epath.Path:
-    """``path`` resolved and created with its parents, or a ValueError saying why
+    """``path`` resolved and created with its parents, or a UserError saying why
     ``what`` (e.g. ``'the workdir'``) cannot go there."""
     directory = resolve(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f'Cannot create {what} {directory} ({e}); choose a directory you '
+        raise UserError(f'Cannot create {what} {directory} ({e}); choose a directory you '
                          'can write to.') from None
     if not is_bucket(directory) and not os.access(directory, os.W_OK):
-        raise ValueError(f'{what[0].upper()}{what[1:]} {directory} is not writable; choose '
+        raise UserError(f'{what[0].upper()}{what[1:]} {directory} is not writable; choose '
                          'a directory you can write to.')
     return directory
 
@@ -48,7 +50,7 @@ def created_dir(path: str | os.PathLike, what: str) -> epath.Path:
 def output_file(path: str | os.PathLike) -> epath.Path:
     """A results file's path, its directory created now. Call it before the work whose
     results go there: a directory that cannot be made then stops the run at once instead
-    of losing minutes of results at the end (ValueError)."""
+    of losing minutes of results at the end (UserError)."""
     target = resolve(path)
     created_dir(target.parent, 'the output directory')
     return target

@@ -58,3 +58,12 @@ class TimmFixture:
 @pytest.fixture(scope='session')
 def timm_fixture() -> TimmFixture:
     return TimmFixture()
+
+
+def run_cli(main, *args: str):
+    """Runs a CLI's ``main`` in this process as ``python -m`` would: its flags parsed from
+    ``args`` (every other flag at its default); returns what ``main`` returns."""
+    from absl import flags
+    from sequencer_jax import cli
+    flags.FLAGS.unparse_flags()
+    return main(cli.parse_flags(['prog', *args]))

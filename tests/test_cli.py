@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 import sequencer_jax as sj
+from conftest import run_cli
 from sequencer_jax import benchmark
+from sequencer_jax.errors import UserError
 
 TINY_ARGS = json.dumps(dict(layers=[1, 1, 1, 1], embed_dims=[16, 24, 24, 24],
                             hidden_sizes=[4, 6, 6, 6], scan_blocks=True))
@@ -19,10 +22,10 @@ TINY_ARGS = json.dumps(dict(layers=[1, 1, 1, 1], embed_dims=[16, 24, 24, 24],
 
 def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
     out = tmp_path / 'new_dir' / 'bench.json'  # created, as by the other CLIs
-    results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '2',
-                              '--image-size', '28', '--num-classes', '5', '--reps', '2',
-                              '--warmup', '1', '--model-args', TINY_ARGS, '--json', str(out),
-                              '--gemm', '--peak-tflops', '2'])
+    results = run_cli(benchmark.main, '--model=sequencer2d_s', '--batch_size=2',
+                      '--image_size=28', '--num_classes=5', '--reps=2', '--warmup=1',
+                      f'--model_args={TINY_ARGS}', f'--output_json={out}', '--gemm',
+                      '--peak_tflops=2')
     ours = results['sequencer_jax']
     for part in ('forward', 'train'):
         assert ours[part]['images_per_s_min'] <= ours[part]['images_per_s'] \
@@ -35,7 +38,7 @@ def test_benchmark_cli_measures_forward_and_train_step(tmp_path, capsys):
     assert set(written['platform']['environment']) == set(benchmark.ENVIRONMENT)
     assert written['platform']['transparent_hugepages'] in (None, 'always', 'madvise', 'never')
     assert written['platform']['host_cpu'] == benchmark.host_cpu() != ''
-    assert 'torch' not in written['platform']  # measured without --compare-timm
+    assert 'torch' not in written['platform']  # measured without --compare_timm
     rates = results['flop_rates']
     assert rates['train']['gflops_per_step'] == 3 * rates['forward']['gflops_per_step']
     for row in rates.values():
@@ -69,30 +72,35 @@ def test_model_flops_match_the_paper(name, paper_gmacs):
 def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
     (tmp_path / 'a_file').write_text('')
     for argv, message in [
-            (['--image-size', '30'], 'divisible by the total stride 14'),
-            (['--model-args', '{"unrol": 2}'], "Unknown option(s) ['unrol']"),
-            (['--model-args', '{unroll: 2}'], "--model-args '{unroll: 2}' is not valid JSON"),
-            (['--model-args', '[2]'], 'must be a JSON object of model options'),
-            (['--batch-size', '0'], 'argument --batch-size: must be at least 1, got 0'),
-            (['--reps', '0'], 'argument --reps: must be at least 1, got 0'),
-            (['--warmup', 'two'], "argument --warmup: 'two' is not an integer"),
-            (['--peak-tflops', '-5'], 'argument --peak-tflops: must be a positive number'),
-            (['--grad-accum-steps', '3'], '--grad-accum-steps 3 must divide --batch-size 8'),
-            (['--grad-accum-steps', '2', '--compare-timm'], 'changes only our train step'),
-            (['--json', str(tmp_path / 'a_file' / 'b.json')],
+            (['--image_size=30'], 'divisible by the total stride 14'),
+            (['--model_args={"unrol": 2}'], "Unknown option(s) ['unrol']"),
+            (['--model_args={unroll: 2}'], "--model_args '{unroll: 2}' is not valid JSON"),
+            (['--model_args=[2]'], 'must be a JSON object of model options'),
+            (['--model=sequencer2d_xs'], "Unknown model 'sequencer2d_xs'"),
+            (['--peak_tflops=-5'], '--peak_tflops=-5.0 must be a positive number'),
+            (['--grad_accum_steps=3'], '--grad_accum_steps=3 must divide --batch_size=8'),
+            (['--grad_accum_steps=2', '--compare_timm'], 'changes only our train step'),
+            ([f'--output_json={tmp_path / "a_file" / "b.json"}'],
              f'Cannot create the output directory {tmp_path / "a_file"}')]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            run_cli(benchmark.main, *argv)
+    for argv, message in [
+            (['--batch_size=0'], 'flag --batch_size=0: 0 is not a positive integer'),
+            (['--reps=0'], 'flag --reps=0: 0 is not a positive integer'),
+            (['--warmup=two'], "flag --warmup=two: invalid literal for int() with base 10"),
+            (['--dtype=float16'], 'flag --dtype=float16: value should be one of')]:
         with pytest.raises(SystemExit) as err:
-            benchmark.main(argv)
-        assert err.value.code == 2 and message in capsys.readouterr().err, argv
+            run_cli(benchmark.main, *argv)
+        assert err.value.code == 1 and message in capsys.readouterr().err, argv
 
 
 def test_benchmark_grad_accumulation_cuts_the_train_steps_memory():
     """XLA's estimate of the train step's memory falls with 4 micro-batches."""
     estimates = []
     for accum in ('1', '4'):
-        results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '16',
-                                  '--image-size', '56', '--num-classes', '5', '--model-args',
-                                  TINY_ARGS, '--compile-only', '--grad-accum-steps', accum])
+        results = run_cli(benchmark.main, '--batch_size=16', '--image_size=56',
+                          '--num_classes=5', f'--model_args={TINY_ARGS}', '--compile_only',
+                          f'--grad_accum_steps={accum}')
         estimates.append(results['sequencer_jax']['train']['memory']['xla_estimate_mib'])
         assert results['config']['grad_accum_steps'] == int(accum)
     assert estimates[1] < 0.75 * estimates[0]  # 0.52 here
@@ -113,14 +121,13 @@ def restore_jax_platforms():
 
 def test_benchmark_target_rejects_bad_input(restore_jax_platforms, capsys):
     for argv, message in [
-            (['--target', 'a100'],
+            (['--target=a100'],
              "neither one of ['h100', 'h200', 'v4', 'v5e', 'v5p', 'v6e'] nor an XLA:GPU"),
-            (['--target', 'h200', '--compare-timm'], 'only compiles; drop --compare-timm'),
-    ] + ([] if CUDA_PLUGIN else [(['--target', 'h200'], 'pip install "jax[cuda12]"')]) + (
-            [] if LIBTPU else [(['--target', 'v5e'], 'pip install "jax[tpu]"')]):
-        with pytest.raises(SystemExit) as err:
-            benchmark.main(argv)
-        assert err.value.code == 2 and message in capsys.readouterr().err
+            (['--target=h200', '--compare_timm'], 'only compiles; drop --compare_timm'),
+    ] + ([] if CUDA_PLUGIN else [(['--target=h200'], 'pip install "jax[cuda12]"')]) + (
+            [] if LIBTPU else [(['--target=v5e'], 'pip install "jax[tpu]"')]):
+        with pytest.raises(UserError, match=re.escape(message)):
+            run_cli(benchmark.main, *argv)
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason='needs jax\'s CUDA plugin: pip install "jax[cuda12]"')
@@ -141,9 +148,9 @@ def test_benchmark_compiles_for_a_tpu_it_does_not_have(tmp_path):
 def _assert_compiles_for(tmp_path, target, device_kind, platform):
     out = tmp_path / f'{target}.json'
     args = json.loads(TINY_ARGS) | {'recurrence': 'pallas'}
-    subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', '--target', target,
-                    '--batch-size', '4', '--image-size', '28', '--num-classes', '5',
-                    '--model-args', json.dumps(args), '--json', str(out)], check=True,
+    subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', f'--target={target}',
+                    '--batch_size=4', '--image_size=28', '--num_classes=5',
+                    f'--model_args={json.dumps(args)}', f'--output_json={out}'], check=True,
                    env=os.environ | {'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'})  # parallel workers
     results = json.loads(out.read_text())
     assert results['platform']['device_kind'] == device_kind
@@ -160,17 +167,16 @@ def test_benchmark_compile_only_shows_remat_saving_memory(capsys):
     estimates = {}
     for remat in (False, True):
         args = json.loads(TINY_ARGS) | {'remat': remat, 'layers': [3, 1, 1, 1]}
-        results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '32',
-                                  '--image-size', '56', '--num-classes', '5',
-                                  '--model-args', json.dumps(args), '--compile-only'])
+        results = run_cli(benchmark.main, '--batch_size=32', '--image_size=56',
+                          '--num_classes=5', f'--model_args={json.dumps(args)}',
+                          '--compile_only')
         train = results['sequencer_jax']['train']
         assert 'images_per_s' not in train
         estimates[remat] = train['memory']['xla_estimate_mib']
     assert estimates[True] < 0.7 * estimates[False]
     assert 'train step' in capsys.readouterr().out
-    with pytest.raises(SystemExit) as err:
-        benchmark.main(['--compile-only', '--compare-timm'])
-    assert err.value.code == 2
+    with pytest.raises(UserError, match='--compile_only measures no speed'):
+        run_cli(benchmark.main, '--compile_only', '--compare_timm')
 
 
 def test_the_benchmark_names_the_cpu_with_its_family_and_model():
@@ -191,3 +197,20 @@ def test_convert_cli_runs_without_runpy_warning():
                             timeout=300, env=dict(os.environ, SEQUENCER_JAX_HUGETLB='0'))
     assert result.returncode == 0 and '--input' in result.stdout, result.stderr[-3000:]
     assert sj.convert.from_torch_state_dict is not None  # still an attribute of the package
+
+
+@pytest.mark.parametrize('module, listed', [
+    ('main', ['--config', '--workdir', '--coordinator_address']),
+    ('evaluate', ['--config', '--checkpoint', '--resolutions', '--output_json', '--ema']),
+    ('convert', ['--input', '--output', '--model', '--to_timm', '--num_classes']),
+    ('experiments.linear_probe', ['--checkpoint', '--image_size', '--data_dir'])])
+def test_help_lists_the_tools_flags_and_exits_0(module, listed):
+    """--help printed absl's key flags only (main's lacked --config) and exited 1."""
+    result = subprocess.run([sys.executable, '-m', f'sequencer_jax.{module}', '--help'],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, SEQUENCER_JAX_HUGETLB='0'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for flag in listed:  # booleans are listed as --[no]name
+        assert re.search(rf'^\s+--(\[no\])?{flag[2:]}:', result.stdout, re.M), (flag, result.stdout)
+    if module == 'main':  # only the flags the tool uses
+        assert '--batch_size' not in result.stdout and '--model:' not in result.stdout

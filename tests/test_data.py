@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 import mini_imagenet
+from conftest import run_cli
 from sequencer_jax import config_defaults
+from sequencer_jax.errors import UserError
 from sequencer_jax.data import mixing, pipeline, randaugment, transforms
 
 
@@ -176,9 +178,14 @@ def test_bad_dataset_config_errors(digits_dir):
         pipeline.dataset_spec(make_config('sklearn_digits', digits_dir, image_key='img').dataset)
     with pytest.raises(ValueError, match="no split 'dev'"):
         pipeline.dataset_spec(make_config('sklearn_digits', digits_dir, eval_split='dev').dataset)
-    with pytest.raises(ValueError, match='divisible by the number of processes'):
-        pipeline.local_batch_size(12, 8)
-    assert pipeline.local_batch_size(16, 8) == 16
+    # Batch sizes are checked with the config, before any work.
+    config = config_defaults.base_config()
+    config.batch_size, config.eval_batch_size = 12, 16
+    with pytest.raises(UserError, match=re.escape(
+            'config.batch_size=12 must divide by the number of processes (1) and of batch '
+            'shards on the mesh (8); use a multiple of 8.')):
+        config_defaults.validate(config)  # on 8 devices
+    assert pipeline.local_batch_size(16) == 16
 
 
 def test_two_processes_read_disjoint_shards_covering_the_split(digits_spec, digits_dir):
@@ -288,13 +295,13 @@ def test_mixup_and_cutmix_labels_and_images_agree():
 
 def test_data_benchmark_cli(digits_spec, digits_dir, capsys):
     from sequencer_jax.data import benchmark
-    rates = benchmark.main(['--dataset', 'sklearn_digits', '--data-dir', str(digits_dir),
-                            '--image-size', '28', '--batch-size', '16', '--batches', '3'])
+    rates = run_cli(benchmark.main, '--dataset=sklearn_digits', f'--data_dir={digits_dir}',
+                    '--image_size=28', '--batch_size=16', '--batches=3')
     assert rates['train_images_per_s'] > 0 and rates['eval_images_per_s'] > 0
     assert 'images/s' in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        benchmark.main(['--dataset', 'no_such_set', '--data-dir', str(digits_dir)])
+    with pytest.raises(UserError, match="Unknown TFDS dataset 'no_such_set'"):
+        run_cli(benchmark.main, '--dataset=no_such_set', f'--data_dir={digits_dir}')
     with pytest.raises(SystemExit) as err:  # was a tf.data error from inside the pipeline
-        benchmark.main(['--data-dir', str(digits_dir), '--batch-size', '0'])
-    assert err.value.code == 2
-    assert 'argument --batch-size: must be at least 1, got 0' in capsys.readouterr().err
+        run_cli(benchmark.main, f'--data_dir={digits_dir}', '--batch_size=0')
+    assert err.value.code == 1
+    assert 'flag --batch_size=0: 0 is not a positive integer' in capsys.readouterr().err

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 import sequencer_jax as sj
-from sequencer_jax import convert
+from conftest import run_cli
+from sequencer_jax import config_defaults, convert, weights
+from sequencer_jax.convert import __main__ as convert_cli
+from sequencer_jax.errors import UserError
 from sequencer_jax.experiments import erf, linear_probe, resolution, robustness
 from sequencer_jax.train import loop, steps
 from test_train import ROOT, TINY_MODEL, final_params, load_config, losses, tiny_config
@@ -93,9 +96,9 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
 
 def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, tmp_path, capsys,
                                                                     monkeypatch):
-    params = loop.load_checkpoint_params(trained)[0]
+    params = weights.load_params(trained)[0]
     exported = tmp_path / 'w.npz'
-    convert.main(['--to-timm', '--input', trained, '--output', str(exported)])
+    run_cli(convert_cli.main, '--to_timm', f'--input={trained}', f'--output={exported}')
     with np.load(exported) as f:
         state_dict = {k: f[k] for k in f.files}
     count = sum(x.size for x in jax.tree.leaves(params))
@@ -105,34 +108,34 @@ def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, tmp_
     back = convert.from_torch_state_dict(state_dict, 'sequencer2d_s', **TINY_MODEL)['params']
     jax.tree.map(np.testing.assert_array_equal, back, params)
     for args, message in [
-            (['--output', str(exported)], 'already exists; choose a new --output file'),
-            (['--output', str(tmp_path / 'w.pth')], 'give a .safetensors or .npz file'),
-            (['--output', str(tmp_path / 'e.npz'), '--ema'], 'holds no EMA weights'),
-            (['--output', str(tmp_path / 'm.npz'), '--model', 'sequencer2d_s'],
-             '--to-timm reads the model from --input: drop --model')]:
-        with pytest.raises(SystemExit) as e:
-            convert.main(['--to-timm', '--input', trained, *args])
-        assert e.value.code == 2 and message in capsys.readouterr().err
+            ([f'--output={exported}'], 'already exists; choose a new --output file'),
+            ([f'--output={tmp_path / "w.pth"}'], 'give a .safetensors or .npz file'),
+            ([f'--output={tmp_path / "e.npz"}', '--ema'], 'holds no EMA weights'),
+            ([f'--output={tmp_path / "m.npz"}', '--model=sequencer2d_s'],
+             '--to_timm reads the model from --input: drop --model')]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            run_cli(convert_cli.main, '--to_timm', f'--input={trained}', *args)
     assert not (tmp_path / 'e.npz').exists()
     try:
         from safetensors.numpy import load_file
     except ImportError:  # in the torch extra
-        with pytest.raises(SystemExit) as e:
-            convert.main(['--to-timm', '--input', trained, '--output',
-                          str(tmp_path / 'w.safetensors')])
-        assert e.value.code == 2
-        assert 'needs the safetensors package: pip install' in capsys.readouterr().err
+        with pytest.raises(UserError, match=re.escape(
+                'Writing .safetensors files (or give an .npz --output) needs the safetensors '
+                'package: pip install safetensors.')):
+            run_cli(convert_cli.main, '--to_timm', f'--input={trained}',
+                    f'--output={tmp_path / "w.safetensors"}')
     else:
-        convert.main(['--to-timm', '--input', trained, '--output',
-                      str(tmp_path / 'w.safetensors')])
+        run_cli(convert_cli.main, '--to_timm', f'--input={trained}',
+                f'--output={tmp_path / "w.safetensors"}')
         from_file = load_file(str(tmp_path / 'w.safetensors'))
         assert sorted(from_file) == sorted(state_dict)
         for key, value in state_dict.items():
             np.testing.assert_array_equal(from_file[key], value)
     # --ema takes the EMA weights where a workdir has them.
     doubled = jax.tree.map(lambda x: 2 * x, params)
-    monkeypatch.setattr(loop, 'load_checkpoint_params', lambda source: (params, doubled, None))
-    convert.main(['--to-timm', '--ema', '--input', trained, '--output', str(tmp_path / 'e.npz')])
+    monkeypatch.setattr(weights, 'load_params', lambda source: (params, doubled, None))
+    run_cli(convert_cli.main, '--to_timm', '--ema', f'--input={trained}',
+            f'--output={tmp_path / "e.npz"}')
     with np.load(tmp_path / 'e.npz') as f:
         for key, value in state_dict.items():
             np.testing.assert_array_equal(f[key], 2 * value)
@@ -302,7 +305,7 @@ def test_loading_from_a_workdir_leaves_its_unfinished_checkpoint_alone(trained, 
     in_progress = workdir / 'checkpoints' / '99.orbax-checkpoint-tmp-1764480000000000'
     in_progress.mkdir()
     with caplog.at_level(logging.WARNING):
-        params, _, _ = loop.load_checkpoint_params(str(workdir))
+        params, _, _ = weights.load_params(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
                  final_params(trained))
     assert in_progress.is_dir()
@@ -314,10 +317,10 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
     assert np.any(source['head']['kernel'] != 0)  # trained: unlike a fresh (zero) head
     for reinit_head in (False, True):
         config = tiny_config(data_dir, init_from=trained, reinit_head=reinit_head)
-        model = loop.build_model(config, 10)  # the digits' 10 classes: the head fits
+        model = config_defaults.model_from_config(config, 10)  # the digits' 10: the head fits
         size = config.image_size
         fresh = model.init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))['params']
-        loaded, head = loop.initial_params(config, model, fresh)
+        loaded, head = weights.initial_params(config, model, fresh)
         loaded = jax.tree.map(np.asarray, loaded)
         assert head == ('a new head, as config.reinit_head asks' if reinit_head
                         else 'its head kept')
@@ -327,7 +330,7 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
     # A checkpoint of another architecture names the first parameter that differs.
     wider = tiny_config(data_dir, init_from=trained, **{'model.args': dict(
         TINY_MODEL, embed_dims=(16, 32, 24, 24))})
-    model = loop.build_model(wider, 10)
+    model = config_defaults.model_from_config(wider, 10)
     size = wider.image_size
     fresh = model.init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))['params']
     message = (f"config.init_from='{trained}' does not fit sequencer2d_s with "
@@ -336,7 +339,7 @@ def test_init_from_keeps_a_fitting_head_unless_reinit_head(trained, data_dir):
                f'{trained}/config.json (or that whole config: '
                f'--config=configs/workdir.py:dir={trained}).')
     with pytest.raises(ValueError, match=re.escape(message)):
-        loop.initial_params(wider, model, fresh)
+        weights.initial_params(wider, model, fresh)
     from sequencer_jax import evaluate
     with pytest.raises(ValueError, match=f'The checkpoint {re.escape(trained)} does not fit'):
         evaluate.evaluate_checkpoint(wider, trained, [32])
@@ -367,10 +370,19 @@ def test_linear_probe_example_on_converted_weights(timm_fixture, data_dir, tmp_p
                                               'sequencer2d_s', **info['overrides'])
     convert.save_converted(str(tmp_path / 'ckpt'), 'sequencer2d_s', 5, variables,
                            info['overrides'])
-    results = linear_probe.main(['--checkpoint', str(tmp_path / 'ckpt'), '--image_size', '28',
-                                 '--data_dir', data_dir])
+    results = run_cli(linear_probe.main, f'--checkpoint={tmp_path / "ckpt"}', '--image_size=28',
+                      f'--data_dir={data_dir}')
     assert set(results) == {'stage0', 'stage1', 'stage2', 'stage3', 'all_stages'}
     assert results['all_stages'] > 0.5  # chance is 0.1
+
+
+def test_linear_probe_reads_a_training_workdir(trained, data_dir):
+    """A workdir's model comes from the config its run saved (it was refused: 'not a
+    converted checkpoint')."""
+    results = run_cli(linear_probe.main, f'--checkpoint={trained}', '--image_size=32',
+                      f'--data_dir={data_dir}')
+    assert all(0 <= accuracy <= 1 for accuracy in results.values())
+    assert results['all_stages'] > 0.3  # 4 steps of training; chance is 0.1
 
 
 def test_robustness_suites_run_end_to_end(trained, data_dir, monkeypatch):

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from sequencer_jax import host_memory
+from sequencer_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = (2, 36)
@@ -34,7 +35,7 @@ def test_environment_adds_the_tunable_only_where_it_changes_something():
         assert host_memory.huge_page_environment(environ, thp_mode, glibc) is None
 
 
-def test_the_opt_out_variable_is_read_as_a_switch_or_refused(monkeypatch, capsys):
+def test_the_opt_out_variable_is_read_as_a_switch_or_refused(monkeypatch):
     for value in ['1', 'yes', 'ON', '']:
         env = host_memory.huge_page_environment({'SEQUENCER_JAX_HUGETLB': value},
                                                 'madvise', GLIBC)
@@ -42,12 +43,18 @@ def test_the_opt_out_variable_is_read_as_a_switch_or_refused(monkeypatch, capsys
     with pytest.raises(ValueError, match="SEQUENCER_JAX_HUGETLB='maybe' is not understood"):
         host_memory.huge_page_environment({'SEQUENCER_JAX_HUGETLB': 'maybe'}, 'never', GLIBC)
     monkeypatch.setenv('SEQUENCER_JAX_HUGETLB', '2')
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError, match="SEQUENCER_JAX_HUGETLB='2' is not understood: set it "
+                       'to 0'):
         host_memory.rerun_with_huge_pages()
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert "SEQUENCER_JAX_HUGETLB='2' is not understood: set it to 0" in stderr
-    assert 'Traceback' not in stderr
+    # A CLI says so in one line, before any work.
+    run = subprocess.run([sys.executable, '-m', 'sequencer_jax.benchmark', '--help'],
+                         env=dict(os.environ, SEQUENCER_JAX_HUGETLB='2'), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and run.stdout == '', run.stderr[-3000:]
+    assert run.stderr.rstrip().splitlines()[-1] == (
+        "error: SEQUENCER_JAX_HUGETLB='2' is not understood: set it to 0 to keep 4 KiB pages "
+        'for malloc, or unset it (or 1) to let the CLI turn huge pages on where the kernel '
+        'needs asking.')
 
 
 def test_thp_mode_and_glibc_version_are_read(tmp_path):

@@ -92,11 +92,11 @@ def test_device_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
     assert 'tests/test_pallas_recurrence.py' in lines[1]
     runs = [line for line in lines[2:] if 'sequencer_jax.benchmark' in line]
     assert len(runs) == 2 * 2 + 1  # 2 models x 2 recurrences, and the memory check
-    assert all('--dtype bfloat16' in r and '--peak-tflops 989' in r for r in runs[:4])
-    assert ['--compare-timm' in r for r in runs[:4]] == [True, False, True, False]
-    assert '--json /r/sequencer2d_s_bfloat16_pallas.json' in runs[1]
-    assert 'remat' in runs[4] and '--model sequencer2d_l --batch-size 64' in runs[4]
+    assert all('--dtype=bfloat16' in r and '--peak_tflops=989' in r for r in runs[:4])
+    assert ['--compare_timm' in r for r in runs[:4]] == [True, False, True, False]
+    assert '--output_json=/r/sequencer2d_s_bfloat16_pallas.json' in runs[1]
+    assert 'remat' in runs[4] and '--model=sequencer2d_l --batch_size=64' in runs[4]
     tpu_runs = _dry_run('device_benchmark.sh', env | {'TIMM': '0'}).stdout
-    assert tpu_runs.count('sequencer_jax.benchmark') == 5 and '--compare-timm' not in tpu_runs
+    assert tpu_runs.count('sequencer_jax.benchmark') == 5 and '--compare_timm' not in tpu_runs
     missing = _dry_run('device_benchmark.sh', {})
     assert missing.returncode == 2 and 'set OUT' in missing.stderr

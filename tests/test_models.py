@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import sequencer_jax as sj
+from conftest import run_cli
 from sequencer_jax import convert
+from sequencer_jax.convert import __main__ as convert_cli
+from sequencer_jax.errors import UserError
+from sequencer_jax.models import layout
 from sequencer_jax.models.sequencer import LayerNorm
 
 # Counted from the PyTorch references (timm, and the official repository's ablations
@@ -122,16 +126,15 @@ def test_scan_blocks_gradients_equal_unrolled(timm_fixture):
     loss = lambda m: lambda v: jnp.sum(m.apply(v, images) ** 2)  # noqa: E731
     g_unrolled = jax.grad(loss(model))(v_unrolled)
     g_scanned = jax.grad(loss(scanned))(v_scanned)
-    g_restacked = convert.stack_stage_blocks(g_unrolled['params'], model.layers)
+    g_restacked = layout.stack_stage_blocks(g_unrolled['params'], model.layers)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                  g_restacked, g_scanned['params'])
-    # Checkpoints load into either layout (loop.match_layout), exactly.
-    from sequencer_jax.train import loop
+    # Checkpoints load into either layout, exactly.
     for target, source, expected in [(scanned, v_unrolled, v_scanned),
                                      (model, v_scanned, v_unrolled),
                                      (model, v_unrolled, v_unrolled)]:
         jax.tree.map(np.testing.assert_array_equal,
-                     loop.match_layout(source['params'], target), expected['params'])
+                     layout.match_layout(source['params'], target), expected['params'])
 
 
 def test_fused_axes_equal_separate_scans(timm_fixture):
@@ -349,6 +352,11 @@ def test_conversion_names_missing_unexpected_and_misshaped_keys(timm_fixture):
     assert 'norm/bias: got (7,)' in msg
     with pytest.raises(ValueError, match="does not match 'sequencer2d_m'"):
         convert.from_torch_state_dict(sd, 'sequencer2d_m')
+    # A head without its weight is that key missing, not a model without a head.
+    headless = {k: v for k, v in sd.items() if k != 'head.fc.weight'}
+    with pytest.raises(UserError, match=r"with 5 classes\.\nMissing \(no torch key maps to\): "
+                       r"\['head/kernel'\]\nCheck"):
+        convert.from_torch_state_dict(headless, 'sequencer2d_s', **info['overrides'])
 
 
 @pytest.mark.parametrize('scan_blocks', [False, True])
@@ -371,25 +379,29 @@ def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path, capsys):
     sd = timm_fixture.state_dict('sequencer2d_s')
     npz = tmp_path / 'weights.npz'
     np.savez(npz, **sd)
-    args = ['--input', str(npz), '--model', 'sequencer2d_s']
-    with pytest.raises(SystemExit) as err:  # tiny weights do not fit the full-size model
-        convert.main(args + ['--output', str(tmp_path / 'bad')])
-    assert err.value.code == 2
+    args = [f'--input={npz}', '--model=sequencer2d_s']
+    with pytest.raises(UserError, match="does not match 'sequencer2d_s'"):  # tiny weights
+        run_cli(convert_cli.main, *args, f'--output={tmp_path / "bad"}')
+    with pytest.raises(UserError, match='must be a JSON object'):
+        run_cli(convert_cli.main, *args, f'--output={tmp_path / "bad"}', '--model_args="layers"')
+    with pytest.raises(UserError, match="Unknown model 'sequencer2d_xs'. Registered models: "):
+        run_cli(convert_cli.main, f'--input={npz}', '--model=sequencer2d_xs',
+                f'--output={tmp_path / "bad"}')
     with pytest.raises(SystemExit) as err:
-        convert.main(args + ['--output', str(tmp_path / 'bad'), '--model-args', '"layers"'])
-    assert err.value.code == 2 and 'must be a JSON object' in capsys.readouterr().err
-    with pytest.raises(SystemExit) as err:
-        convert.main(args + ['--output', str(tmp_path / 'bad'), '--num-classes', 'ten'])
-    assert err.value.code == 2
-    assert "--num-classes: 'ten' is not an integer" in capsys.readouterr().err
+        run_cli(convert_cli.main, *args, f'--output={tmp_path / "bad"}', '--num_classes=ten')
+    assert err.value.code == 1
+    assert "flag --num_classes=ten: invalid literal for int() with base 10: 'ten'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
     model_args = json.dumps(info['overrides'])
-    convert.main(args + ['--output', str(tmp_path / 'ckpt'), '--model-args', model_args])
+    run_cli(convert_cli.main, *args, f'--output={tmp_path / "ckpt"}', f'--model_args={model_args}')
     model, restored = convert.load_converted(str(tmp_path / 'ckpt'))
     assert model.num_classes == 5 and tuple(model.layers) == (1, 1, 2, 1)
     np.testing.assert_allclose(model.apply(restored, timm_fixture.images(42, 42)),
                                timm_fixture.logits('sequencer2d_s', 42, 42), atol=1e-4)
-    with pytest.raises(SystemExit):  # never overwrites an earlier conversion
-        convert.main(args + ['--output', str(tmp_path / 'ckpt'), '--model-args', model_args])
+    with pytest.raises(UserError, match='already exists'):  # never overwrites a conversion
+        run_cli(convert_cli.main, *args, f'--output={tmp_path / "ckpt"}',
+                f'--model_args={model_args}')
     with pytest.raises(ValueError, match='not a converted checkpoint'):
         convert.load_converted(str(tmp_path))
     with pytest.raises(ValueError, match='No such checkpoint file'):

@@ -10,7 +10,9 @@ pytest.importorskip('timm')
 import torch_reference  # noqa: E402
 
 import sequencer_jax as sj  # noqa: E402
+from conftest import run_cli  # noqa: E402
 from sequencer_jax import convert  # noqa: E402
+from sequencer_jax.convert import __main__ as convert_cli  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -86,7 +88,7 @@ def test_input_gradients_equal_torch(name):
 
 
 def test_exported_weights_give_timm_the_same_logits(tmp_path):
-    """JAX params (scanned layout) -> convert --to-timm -> timm, loaded strictly."""
+    """JAX params (scanned layout) -> convert --to_timm -> timm, loaded strictly."""
     from safetensors.torch import load_file
     model = sj.create_model('sequencer2d_s', 7, scan_blocks=True, **TINY)
     images = np.random.RandomState(0).randn(2, 28, 42, 3).astype(np.float32)
@@ -98,7 +100,7 @@ def test_exported_weights_give_timm_the_same_logits(tmp_path):
     convert.save_converted(tmp_path / 'jax', 'sequencer2d_s', 7, variables,
                            dict(TINY, scan_blocks=True))
     exported = tmp_path / 'timm.safetensors'
-    convert.main(['--to-timm', '--input', str(tmp_path / 'jax'), '--output', str(exported)])
+    run_cli(convert_cli.main, '--to_timm', f'--input={tmp_path / "jax"}', f'--output={exported}')
     reference = torch_reference.build('sequencer2d_s', 7, **TINY)
     reference.load_state_dict(load_file(str(exported)), strict=True)
     np.testing.assert_allclose(np.asarray(model.apply(variables, images)),
@@ -106,13 +108,12 @@ def test_exported_weights_give_timm_the_same_logits(tmp_path):
 
 
 def test_benchmark_measures_timm_beside_us_in_one_run(tmp_path):
-    """--compare-timm: timm's figures, the ratios, and the versions that produced them."""
+    """--compare_timm: timm's figures, the ratios, and the versions that produced them."""
     import timm
     from sequencer_jax import benchmark
     tiny = '{"layers": [1, 1, 1, 1], "embed_dims": [16, 24, 24, 24], "hidden_sizes": [4, 6, 6, 6]}'
-    results = benchmark.main(['--model', 'sequencer2d_s', '--batch-size', '2',
-                              '--image-size', '28', '--num-classes', '5', '--reps', '2',
-                              '--warmup', '1', '--model-args', tiny, '--compare-timm'])
+    results = run_cli(benchmark.main, '--batch_size=2', '--image_size=28', '--num_classes=5',
+                      '--reps=2', '--warmup=1', f'--model_args={tiny}', '--compare_timm')
     for part in ('forward', 'train'):
         assert results['ratio'][part] == pytest.approx(
             results['sequencer_jax'][part]['images_per_s']

@@ -21,9 +21,11 @@ import tensorflow as tf
 from etils import epath
 
 import mini_imagenet
-from sequencer_jax import config_defaults
+from sequencer_jax import config_defaults, weights
 from sequencer_jax.data import pipeline
-from sequencer_jax.train import checkpoint, loop, mesh as mesh_lib
+from sequencer_jax.errors import UserError
+from sequencer_jax.models import layout
+from sequencer_jax.train import checkpoint, loop, mesh as mesh_lib, preemption, reporting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_MODEL = dict(layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(16, 24, 24, 24),
@@ -68,7 +70,7 @@ def losses(workdir):
 
 
 def final_params(workdir):
-    params, _, _ = loop.load_checkpoint_params(str(workdir))
+    params, _, _ = weights.load_params(str(workdir))
     return jax.tree.map(np.asarray, params)
 
 
@@ -156,7 +158,7 @@ def test_mesh_param_rules_and_every_model_option_override_from_the_command_line(
     assert config.mesh == (('data', 2), ('fsdp', 4))
     assert mesh_lib.make_mesh(config.mesh).shape == {'data': 2, 'fsdp': 4}
     mesh_lib.check_rules(config.param_rules)
-    model = loop.build_model(config, 1000)
+    model = config_defaults.model_from_config(config, 1000)
     assert (model.remat, model.layers, model.drop_rate) == (True, (1, 1, 2, 1), 0.5)
     assert (model.scan_blocks, model.drop_path_rate) == (True, 0.1)  # the config's
     assert model.embed_dims == (192, 384, 384, 384)  # unset: sequencer2d_s's own
@@ -164,7 +166,7 @@ def test_mesh_param_rules_and_every_model_option_override_from_the_command_line(
         config.model.args.remta = True
 
 
-class StopAfter(loop.StopFlag):
+class StopAfter(preemption.StopFlag):
     """Behaves as if SIGTERM arrived after ``n`` steps."""
 
     n = 3
@@ -185,7 +187,7 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     metrics = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
     assert {'eval/top1', 'eval/top5', 'eval_ema/top1', 'eval_ema/top5'} <= set(metrics)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, 'StopFlag', StopAfter)
+        patch.setattr(preemption, 'StopFlag', StopAfter)
         loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
     assert sorted(losses(tmp_path / 'resumed')) == [1, 2, 3]
     loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
@@ -204,7 +206,7 @@ def test_resume_with_scan_blocks_switched_goes_on_as_before(data_dir, tmp_path, 
                          **{'model.args': dict(TINY_MODEL, scan_blocks=first, **same)})
     loop.train_and_evaluate(config, str(workdir))
     unswitched = losses(workdir)
-    unswitched_weights = loop.load_checkpoint_params(str(workdir))[:2]  # params, EMA
+    unswitched_weights = weights.load_params(str(workdir))[:2]  # params, EMA
     shutil.rmtree(workdir / 'checkpoints' / '6')
     capsys.readouterr()
     switched = tiny_config(data_dir, steps=6, ema_decay=0.9, keep_checkpoints=3,
@@ -220,16 +222,16 @@ def test_resume_with_scan_blocks_switched_goes_on_as_before(data_dir, tmp_path, 
     np.testing.assert_allclose([after[5], after[6]], [unswitched[5], unswitched[6]],
                                rtol=1e-5)
     assert 'eval_ema/top1' in metrics
-    first_layout = loop.build_model(config, 10)
-    for before, now in zip(unswitched_weights, loop.load_checkpoint_params(str(workdir))):
+    first_layout = config_defaults.model_from_config(config, 10)
+    for before, now in zip(unswitched_weights, weights.load_params(str(workdir))):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                     before, loop.match_layout(now, first_layout))
+                     before, layout.match_layout(now, first_layout))
 
 
 def test_sigterm_or_a_first_ctrl_c_sets_the_stop_flag(capsys):
     for signum in (signal.SIGTERM, signal.SIGINT):
         before = signal.getsignal(signum)
-        flag = loop.StopFlag()
+        flag = preemption.StopFlag()
         try:
             assert not flag.any_process()
             os.kill(os.getpid(), signum)
@@ -238,7 +240,7 @@ def test_sigterm_or_a_first_ctrl_c_sets_the_stop_flag(capsys):
             flag.restore()
         assert signal.getsignal(signum) is before
     assert 'Ctrl-C: saving a checkpoint after this step' in capsys.readouterr().err
-    flag = loop.StopFlag()
+    flag = preemption.StopFlag()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
@@ -438,7 +440,6 @@ def test_closing_after_a_failed_write_raises_one_explained_error():
 
 _FULL_DISK_AT_STEP_2 = """
 import atexit, errno, sys
-from absl import app
 from etils import epath
 from orbax.checkpoint._src.path import async_path
 from sequencer_jax import cli, main
@@ -452,7 +453,7 @@ async def full_disk_at_step_2(source, target):
 async_path.rename = full_disk_at_step_2
 # What orbax's and tensorstore's threads print while the interpreter shuts down.
 atexit.register(lambda: print('Traceback: Event loop is closed', file=sys.stderr))
-app.run(main.main, flags_parser=cli.parse_flags)
+cli.run(main.main)
 """
 
 
@@ -484,7 +485,7 @@ def test_metrics_that_cannot_be_written_are_reported_once_and_training_goes_on(
     open_path = path_type.open
 
     def full_metrics_file(self, mode='r', **kwargs):
-        if self.name == loop.METRICS_FILE and mode == 'a':
+        if self.name == reporting.METRICS_FILE and mode == 'a':
             return open('/dev/full', mode)
         return open_path(self, mode, **kwargs)
 
@@ -502,7 +503,7 @@ def test_metrics_that_cannot_be_written_are_reported_once_and_training_goes_on(
 
 
 def test_tensorboard_write_failures_are_reported_again_after_a_success(tmp_path, capsys):
-    writer = loop.MetricWriter(epath.Path(str(tmp_path)))
+    writer = reporting.MetricWriter(epath.Path(str(tmp_path)))
     flush = writer._tb.flush
     disk_full = False
 
@@ -574,11 +575,19 @@ def test_a_profile_traces_the_chosen_steps_and_never_stops_training(data_dir, tm
 
 
 def test_out_of_memory_errors_say_what_to_change():
-    explained = loop._explain_runtime_error(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
-    assert isinstance(explained, loop.TrainingStopped)
-    assert 'batch_size' in str(explained) and 'remat' in str(explained)
-    other = ValueError('something else')
-    assert loop._explain_runtime_error(other) is other
+    def failing_step(error):
+        def step(*args):
+            raise error
+        return step
+
+    out_of_memory = jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory')
+    with pytest.raises(loop.TrainingStopped, match='Out of memory in the train step. Lower '
+                       'config.batch_size, set config.model.args.remat=True') as explained:
+        loop._run(failing_step(out_of_memory), None, None, None)
+    assert explained.value.__cause__ is out_of_memory
+    other = jax.errors.JaxRuntimeError('INTERNAL: something else')
+    with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+        loop._run(failing_step(other), None, None, None)
 
 
 def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(data_dir, tmp_path,
@@ -721,15 +730,15 @@ def test_config_variants_and_errors():
 def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_path):
     for filename, arg in [('default.py', None), ('imagenet.py', 'model=sequencer2d_l'),
                           ('finetune.py', 'task=oxford_flowers102')]:
-        config_defaults.check_config(load_config(filename, arg), training=False)
+        config_defaults.validate(load_config(filename, arg), training=False)
     finetune = load_config('finetune.py', 'task=cifar10')
     with pytest.raises(ValueError, match=re.escape(
             'Bad config: config.init_from is not set, and this config fine-tunes trained '
             'weights: give --config.init_from=DIR')):
-        config_defaults.check_config(finetune)
+        config_defaults.validate(finetune)
     finetune.init_from = str(tmp_path)
-    config_defaults.check_config(finetune)
-    config_defaults.check_config(load_config('imagenet.py'))  # trains from scratch
+    config_defaults.validate(finetune)
+    config_defaults.validate(load_config('imagenet.py'))  # trains from scratch
     config = tiny_config(str(tmp_path), batch_size=0, num_train_steps=-1,
                          **{'optimizer.b2': 1.0, 'optimizer.grad_clip_norm': 0.0})
     message = ('Bad config: config.batch_size=0 must be at least 1; config.num_train_steps=-1 '
@@ -834,11 +843,10 @@ def test_workdirs_in_buckets_stay_urls_and_bad_local_ones_are_refused(tmp_path, 
 
 
 def test_explicit_multi_process_flags_are_checked_before_connecting():
-    from absl import app
     from sequencer_jax import main
-    with pytest.raises(app.UsageError, match='go together'):
+    with pytest.raises(UserError, match='go together'):
         main.initialize_distributed('localhost:1234', None, 0)
-    with pytest.raises(app.UsageError, match='--process_id=2 must be below --num_processes=2'):
+    with pytest.raises(UserError, match='--process_id=2 must be below --num_processes=2'):
         main.initialize_distributed('localhost:1234', 2, 2)
 
 

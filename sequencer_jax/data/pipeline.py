@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from sequencer_jax import storage
 from sequencer_jax.data import builders  # noqa: F401  (registers the embedded dataset)
 from sequencer_jax.data import transforms
+from sequencer_jax.errors import UserError
 
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 EVAL_SPLIT_CANDIDATES = ('validation', 'test')
@@ -68,7 +69,7 @@ def _check_manual_files(config) -> None:
     folder = manual_dir(config)
     missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.exists(os.path.join(folder, f))]
     if missing:
-        raise ValueError(
+        raise UserError(
             f'imagenet2012 needs a manual download: put {" and ".join(missing)} (from '
             f'https://image-net.org/download-images, "ILSVRC2012" training and validation '
             f'images) into {folder}/, or set config.dataset.data_dir to a directory whose '
@@ -78,7 +79,7 @@ def _check_manual_files(config) -> None:
 def _check_key(builder, key: str, what: str) -> None:
     features = builder.info.features
     if key not in features:
-        raise ValueError(f'{builder.name} has no feature {key!r} for the {what}; its '
+        raise UserError(f'{builder.name} has no feature {key!r} for the {what}; its '
                          f'features are {sorted(features.keys())}. Set '
                          f'config.dataset.{what}_key.')
 
@@ -118,7 +119,7 @@ def load_builder(config, prepare: bool = True):
     if error is not None:
         raise error
     if failed:
-        raise ValueError(f'Process 0 could not prepare TFDS dataset {config.name} (its '
+        raise UserError(f'Process 0 could not prepare TFDS dataset {config.name} (its '
                          'output says why); fix that and rerun every process.')
     if jax.process_index() > 0:
         builder = _prepared_builder(config)
@@ -133,7 +134,7 @@ def _open_builder(config):
         # unknown builder config, say) are TFDS's own, with their suggestions.
         parsable = _base_name(config.name).isidentifier()
         if isinstance(e, tfds.core.registered.DatasetNotFoundError) or not parsable:
-            raise ValueError(unknown_dataset_message(config.name)) from None
+            raise UserError(unknown_dataset_message(config.name)) from None
         raise
 
 
@@ -151,14 +152,14 @@ def _prepared_builder(config):
         except (OSError, RuntimeError, tf.errors.OpError) as e:
             if _out_of_space(e):
                 # TFDS removes its incomplete folder on errors: nothing is left to clean.
-                raise ValueError(
+                raise UserError(
                     f'Could not prepare TFDS dataset {builder.name} in {builder.data_dir}: '
                     f'the disk is full ({str(e).splitlines()[0]}). Free space there, or set '
                     'config.dataset.data_dir to a disk with room for the prepared dataset '
                     '(imagenet2012: about 156 GiB, besides the tars), and rerun.') from None
             if not isinstance(e, OSError):  # requests' connection errors are OSErrors too
                 raise
-            raise ValueError(
+            raise UserError(
                 f'Could not prepare TFDS dataset {builder.name} in {builder.data_dir}: '
                 f'{type(e).__name__}: {e}. TFDS downloads it on first use; without internet '
                 f'access, prepare it where there is (tfds build {config.name} '
@@ -192,7 +193,7 @@ def dataset_spec(config) -> DatasetSpec:
     multi_label = isinstance(label, tfds.features.Sequence)
     class_label = label.feature if multi_label else label
     if not hasattr(class_label, 'num_classes'):
-        raise ValueError(f'{config.label_key!r} of {builder.name} is not a class label.')
+        raise UserError(f'{config.label_key!r} of {builder.name} is not a class label.')
     # Evaluation-only datasets (ImageNet-A, ...) have no train split: 0 examples.
     return DatasetSpec(builder, config.train_split, eval_split, class_label.num_classes,
                        num_examples(splits, config.train_split) or 0, num_eval,
@@ -200,11 +201,11 @@ def dataset_spec(config) -> DatasetSpec:
 
 
 def split_examples(builder, split: str | None, fix: str) -> int:
-    """Examples in ``split`` of ``builder``'s dataset; a ValueError naming its splits,
+    """Examples in ``split`` of ``builder``'s dataset; a UserError naming its splits,
     and ending with ``fix``, when it has no such split."""
     count = num_examples(builder.info.splits, split)
     if count is None:
-        raise ValueError(f'{builder.name} has no split {split!r}; it has '
+        raise UserError(f'{builder.name} has no split {split!r}; it has '
                          f'{sorted(builder.info.splits.keys())}. {fix}')
     return count
 
@@ -243,22 +244,25 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
-def local_batch_size(global_batch: int, num_batch_shards: int) -> int:
-    """This process's share of the global batch, after checking that it divides."""
-    processes = jax.process_count()
-    if global_batch % processes or global_batch % num_batch_shards:
-        raise ValueError(
-            f'The global batch size {global_batch} must be divisible by the number of '
-            f'processes ({processes}) and of batch shards on the mesh ({num_batch_shards}). '
-            f'Use a multiple of {math.lcm(processes, num_batch_shards)}.')
-    return global_batch // processes
+def local_batch_size(global_batch: int) -> int:
+    """This process's share of the global batch (``config_defaults.validate`` has checked
+    that it divides)."""
+    return global_batch // jax.process_count()
+
+
+def check_num_classes(num_classes: int, spec: DatasetSpec, source: str) -> None:
+    """A UserError when a classifier of ``num_classes`` cannot score every label of the
+    dataset (labels past the last class would count as silently wrong)."""
+    if num_classes < spec.num_classes:
+        raise UserError(f'{source}: {num_classes} classes, but {spec.builder.name} has '
+                        f'{spec.num_classes}; use a model with at least as many.')
 
 
 def check_train_split(spec: DatasetSpec) -> None:
     """A ValueError naming the dataset's splits when its train split is missing or
     empty (a misspelt ``config.dataset.train_split``, or an evaluation-only dataset)."""
     if spec.num_train_examples == 0:
-        raise ValueError(f'{spec.builder.name} has no examples in the train split '
+        raise UserError(f'{spec.builder.name} has no examples in the train split '
                          f'{spec.train_split!r}; it has {sorted(spec.builder.info.splits)}. '
                          'Set config.dataset.train_split.')
 
@@ -361,7 +365,7 @@ class GlobalBatches:
         try:
             local = next(self._iterator)
         except tf.errors.InvalidArgumentError as e:
-            raise ValueError(
+            raise UserError(
                 f'Reading {self._description} failed on a bad example (e.g. a corrupt '
                 f'image): {e.message.splitlines()[0]}. Set config.dataset.skip_corrupt=True '
                 'to skip such examples with a warning.') from None

@@ -8,7 +8,8 @@ averaged over images. The map is drawn as ``log10(erf + 1)`` scaled to [0, 1].
     python -m sequencer_jax.experiments.erf --config=configs/imagenet.py \
         --checkpoint=DIR --num_images=50 --output=erf.png
 
-Without ``--config``, a training workdir's own config is used (``configs/workdir.py``).
+Without ``--config``, a training workdir's own config is used (``configs/workdir.py``);
+``--image_size`` defaults to the config's, ``--output`` to erf.png.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from sequencer_jax import cli, storage, xla_options
+from sequencer_jax import cli, config_defaults, storage, weights, xla_options
+from sequencer_jax.data import pipeline
+from sequencer_jax.errors import UserError
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 50, 'eval images to average over',
                                    lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'input size (default: the config\'s)',
-                                   lower_bound=1)
-_OUTPUT = flags.DEFINE_string('output', 'erf.png', 'PNG to write (the raw map goes to .npy)')
+for _name in ('config', 'checkpoint', 'image_size', 'output'):
+    flags.declare_key_flag(_name)
+DEFAULT_OUTPUT = 'erf.png'
 
 
 def centre_gradient_map(model, variables, images: jax.Array) -> jax.Array:
@@ -73,14 +76,13 @@ def save_png(erf: np.ndarray, output: str | os.PathLike,
 
 def compute_erf(config, checkpoint_dir: str, num_images: int, image_size: int) -> np.ndarray:
     """The averaged ERF [image_size, image_size] over ``num_images`` eval images."""
-    from sequencer_jax.data import pipeline
-    from sequencer_jax.train import loop
-    params, _, model = loop.load_checkpoint_params(checkpoint_dir)
+    params, _, model = weights.load_params(checkpoint_dir)
     spec = pipeline.dataset_spec(config.dataset)
     if model is None:
-        model = loop.build_model(config, config.model.num_classes or spec.num_classes)
-    model._check_input(jnp.zeros((1, image_size, image_size, 3)))
-    variables = {'params': loop.match_layout(params, model)}
+        model = config_defaults.model_from_config(
+            config, config.model.num_classes or spec.num_classes)
+    model.check_input_shape((1, image_size, image_size, model.in_chans))
+    variables = {'params': weights.fitted(params, model, image_size, checkpoint_dir, config)}
     dataset, _ = pipeline.eval_dataset(spec, config, min(num_images, 16),
                                        image_size=image_size, process_index=0,
                                        process_count=1)
@@ -95,21 +97,21 @@ def compute_erf(config, checkpoint_dir: str, num_images: int, image_size: int) -
         if seen >= num_images:
             break
     if seen == 0:
-        raise ValueError('The evaluation split has no images.')
+        raise UserError('The evaluation split has no images.')
     return total / seen
 
 
 def main(argv) -> None:
-    cli.check_args(argv, checkpoint=cli.CHECKPOINT)
+    del argv
+    cli.require(cli.CHECKPOINT)
     config = cli.config_or_saved(cli.CHECKPOINT, 'the config whose evaluation split to '
                                  'draw images from, e.g. --config=configs/imagenet.py')
-    size = _IMAGE_SIZE.value or config.image_size
-    output = cli.output_file(_OUTPUT)
-    if output is None or output.suffix.lower() != '.png':
-        raise app.UsageError(f'--output={_OUTPUT.value}: give a .png file (the raw map goes '
-                             'next to it as .npy).')
-    with cli.stop_with_message(ValueError):
-        erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
+    size = cli.IMAGE_SIZE.value or config.image_size
+    output = cli.output_file(cli.OUTPUT) or storage.output_file(DEFAULT_OUTPUT)
+    if output.suffix.lower() != '.png':
+        raise UserError(f'--output={output}: give a .png file (the raw map goes next to it '
+                        'as .npy).')
+    erf = compute_erf(config, cli.CHECKPOINT.value, _NUM_IMAGES.value, size)
     with output.with_suffix('.npy').open('wb') as f:
         np.save(f, erf)
     save_png(erf, output)
@@ -120,4 +122,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)

@@ -4,26 +4,29 @@ This is what research code importing the Flax module looks like: load converted 
 trained) weights, call ``model.apply(..., method='features')`` for the four stage maps,
 pool them, and fit a linear classifier with optax on the embedded digits dataset.
 
-    python -m sequencer_jax.convert --input sequencer2d_s.pth --model sequencer2d_s --output /tmp/s
+    python -m sequencer_jax.convert --input=sequencer2d_s.pth --model=sequencer2d_s --output=/tmp/s
     python -m sequencer_jax.experiments.linear_probe --checkpoint=/tmp/s --image_size=224
 
-Prints the probe's test accuracy for the pooled features of each stage and of all four.
+``--checkpoint`` is a converted directory or a training workdir. Prints the probe's test
+accuracy for the pooled features of each stage and of all four.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tensorflow_datasets as tfds
+from absl import flags
 
-import sequencer_jax as sj
 import sequencer_jax.data.builders  # noqa: F401  (registers 'sklearn_digits' with TFDS)
-from sequencer_jax import arguments
+from sequencer_jax import cli, weights
 from sequencer_jax.data import transforms
+
+for _name in ('checkpoint', 'image_size', 'data_dir'):
+    flags.declare_key_flag(_name)
+DEFAULT_IMAGE_SIZE = 224
 
 
 def load_digits(split: str, image_size: int, data_dir: str | None = None):
@@ -68,20 +71,14 @@ def fit_linear_probe(train_x, train_y, test_x, test_y, num_classes: int,
     return float(np.mean(predictions == test_y))
 
 
-def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog='python -m sequencer_jax.experiments.linear_probe',
-                                     description=__doc__.split('\n')[0])
-    parser.add_argument('--checkpoint', required=True,
-                        help='a directory written by python -m sequencer_jax.convert')
-    parser.add_argument('--image_size', type=arguments.at_least(1), default=224)
-    parser.add_argument('--data_dir', default=None, help='TFDS data dir')
-    args = parser.parse_args(argv)
-    try:
-        model, variables = sj.convert.load_converted(args.checkpoint)
-    except ValueError as e:
-        parser.exit(2, f'error: {e}\n')
-    train_x, train_y = load_digits('train', args.image_size, args.data_dir)
-    test_x, test_y = load_digits('test', args.image_size, args.data_dir)
+def main(argv) -> dict[str, float]:
+    del argv
+    cli.require(cli.CHECKPOINT)
+    image_size = cli.IMAGE_SIZE.value or DEFAULT_IMAGE_SIZE
+    model, params = weights.load_model(cli.CHECKPOINT.value, image_size)
+    variables = {'params': params}
+    train_x, train_y = load_digits('train', image_size, cli.DATA_DIR.value)
+    test_x, test_y = load_digits('test', image_size, cli.DATA_DIR.value)
     train_f = pooled_stage_features(model, variables, train_x)
     test_f = pooled_stage_features(model, variables, test_x)
     results = {f'stage{i}': fit_linear_probe(train_f[i], train_y, test_f[i], test_y, 10)
@@ -94,4 +91,4 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

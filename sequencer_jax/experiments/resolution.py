@@ -15,13 +15,14 @@ matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sequencer_jax import storage  # noqa: E402
+from sequencer_jax.errors import UserError  # noqa: E402
 
 
 def load_rows(path: str | os.PathLike) -> tuple[str, list[dict]]:
     """(label, rows) of an evaluate JSON file (local or in a bucket)."""
     data = json.loads(storage.resolve(path).read_text())
     if 'rows' not in data:
-        raise ValueError(f'{path} is not an evaluate --output_json file (no "rows").')
+        raise UserError(f'{path} is not an evaluate --output_json file (no "rows").')
     return data.get('label') or data.get('checkpoint', path), data['rows']
 
 

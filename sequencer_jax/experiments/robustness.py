@@ -23,9 +23,11 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from sequencer_jax import cli, storage
+from sequencer_jax.errors import UserError
+from sequencer_jax.evaluate import evaluate_checkpoint
 
 # Mean top-1 error of AlexNet over the 5 severities (Hendrycks & Dietterich, 2019), the
 # normalisation used by the official validate_c.py.
@@ -77,6 +79,8 @@ SUITES = {
 SUITE_NAMES = ('imagenet_c',) + tuple(SUITES)
 
 _SUITE = flags.DEFINE_enum('suite', None, SUITE_NAMES, 'which robustness suite')
+for _name in ('config', 'checkpoint', 'output_json'):
+    flags.declare_key_flag(_name)
 
 
 def mean_corruption_error(errors: dict[str, dict[int, float]]) -> dict[str, float]:
@@ -84,12 +88,12 @@ def mean_corruption_error(errors: dict[str, dict[int, float]]) -> dict[str, floa
     'mCE' (%) and 'mCE_unnormalized' (%), as validate_c.py computes them."""
     missing = sorted(set(ALEXNET_ERRORS) - set(errors))
     if missing:
-        raise ValueError(f'mCE needs all 15 corruptions; missing {missing}.')
+        raise UserError(f'mCE needs all 15 corruptions; missing {missing}.')
     out, ces, raw = {}, [], []
     for corruption, alexnet in ALEXNET_ERRORS.items():
         by_severity = errors[corruption]
         if sorted(by_severity) != list(SEVERITIES):
-            raise ValueError(f'{corruption}: need severities {SEVERITIES}, got '
+            raise UserError(f'{corruption}: need severities {SEVERITIES}, got '
                              f'{sorted(by_severity)}.')
         mean_error = float(np.mean([by_severity[s] for s in SEVERITIES]))
         out[corruption] = 100 * mean_error / alexnet
@@ -117,7 +121,6 @@ def _dataset_config(config, name: str, split: str, label_key: str):
 
 def run_suite(config, checkpoint_dir: str, suite: str) -> dict:
     """Scores one suite; returns a JSON-able dict with a 'table' of rows."""
-    from sequencer_jax.evaluate import evaluate_checkpoint
     eval_config = ml_collections.ConfigDict(config.to_dict())
     size = config.eval_image_size or config.image_size
     if suite == 'imagenet_c':
@@ -144,12 +147,12 @@ def run_suite(config, checkpoint_dir: str, suite: str) -> dict:
 
 
 def main(argv) -> None:
-    cli.check_args(argv, checkpoint=cli.CHECKPOINT, suite=_SUITE)
+    del argv
+    cli.require(cli.CHECKPOINT, _SUITE)
     config = cli.config_or_saved(cli.CHECKPOINT, 'the config of the model and the batch '
                                  'size, e.g. --config=configs/imagenet.py')
     output_json = cli.output_file(cli.OUTPUT_JSON)
-    with cli.stop_with_message(ValueError):
-        result = run_suite(config, cli.CHECKPOINT.value, _SUITE.value)
+    result = run_suite(config, cli.CHECKPOINT.value, _SUITE.value)
     if jax.process_index() != 0:
         return
     for key, value in result['scores'].items():
@@ -159,4 +162,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)

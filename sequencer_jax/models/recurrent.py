@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sequencer_jax.errors import UserError
+
 Array = jax.Array
 
 CELL_TYPES = ('lstm', 'gru', 'rnn')
@@ -93,7 +95,7 @@ CELLS = {
 
 def get_cell(name: str) -> Cell:
     if name not in CELLS:
-        raise ValueError(f'Unknown cell type {name!r}; expected one of {sorted(CELLS)}.')
+        raise UserError(f'Unknown cell type {name!r}; expected one of {sorted(CELLS)}.')
     return CELLS[name]
 
 

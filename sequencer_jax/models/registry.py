@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sequencer_jax.errors import UserError
 from sequencer_jax.models.sequencer import Sequencer, Sequencer1D, Sequencer2D
 
 _S = dict(layers=(4, 3, 8, 3), patch_sizes=(7, 2, 1, 1), embed_dims=(192, 384, 384, 384),
@@ -49,21 +50,21 @@ def list_models() -> list[str]:
 def model_args(name: str) -> dict[str, Any]:
     """The architecture arguments of a registered variant."""
     if name not in _VARIANTS:
-        raise ValueError(f'Unknown model {name!r}. Registered models: {", ".join(list_models())}.')
+        raise UserError(f'Unknown model {name!r}. Registered models: {", ".join(list_models())}.')
     return dict(_VARIANTS[name][1])
 
 
 def overrides_from_json(text: str) -> dict[str, Any]:
-    """``create_model`` overrides from a JSON object, as the CLIs' ``--model-args``
+    """``create_model`` overrides from a JSON object, as the CLIs' ``--model_args``
     give them: '{"scan_blocks": true}' -> {'scan_blocks': True}."""
     example = 'e.g. \'{"scan_blocks": true, "unroll": 2}\''
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f'--model-args {text!r} is not valid JSON ({e}); write a JSON '
+        raise UserError(f'--model_args {text!r} is not valid JSON ({e}); write a JSON '
                          f'object, {example}.') from None
     if not isinstance(overrides, dict):
-        raise ValueError(f'--model-args {text!r} must be a JSON object of model options, '
+        raise UserError(f'--model_args {text!r} must be a JSON object of model options, '
                          f'{example}.')
     return overrides
 
@@ -84,7 +85,7 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32,
     fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f'Unknown option(s) {unknown} for model {name!r}. '
+        raise UserError(f'Unknown option(s) {unknown} for model {name!r}. '
                          f'Valid options: {sorted(fields)}.')
     # Configs and JSON give lists; module fields must be hashable.
     args.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})

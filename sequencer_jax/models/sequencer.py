@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sequencer_jax.errors import UserError
 from sequencer_jax.models import pallas_recurrence, recurrent
 
 Array = jax.Array
@@ -35,7 +36,7 @@ _xavier_uniform = nn.initializers.xavier_uniform()
 
 def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
-        raise ValueError(f'Unknown {what} {value!r}; expected one of {list(choices)}.')
+        raise UserError(f'Unknown {what} {value!r}; expected one of {list(choices)}.')
 
 
 def gelu(x: Array) -> Array:
@@ -207,7 +208,7 @@ class BiRNN2D(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, h, w, c = x.shape
         if not self.with_fc and self.union_width() != c:
-            raise ValueError(
+            raise UserError(
                 f'BiRNN2D without fc must output its input width: union {self.union!r} of '
                 f'{self.num_directions} direction(s) x hidden {self.hidden_size} gives '
                 f'{self.union_width()} channels, but the input has {c}. Set with_fc=True '
@@ -274,7 +275,7 @@ class BiRNN1D(nn.Module):
         cell = recurrent.get_cell(self.cell)
         kd = 2 if self.bidirectional else 1
         if kd * self.hidden_size != c:
-            raise ValueError(
+            raise UserError(
                 f'BiRNN1D outputs {kd} direction(s) x hidden {self.hidden_size} = '
                 f'{kd * self.hidden_size} channels, but its input has {c}; the residual '
                 f'needs them equal. Use hidden_size={c // kd}.')
@@ -400,7 +401,7 @@ class Sequencer(nn.Module):
         lengths = {len(v) for v in (self.layers, self.patch_sizes, self.embed_dims,
                                     self.hidden_sizes, self.mlp_ratios)}
         if len(lengths) != 1:
-            raise ValueError('layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios '
+            raise UserError('layers, patch_sizes, embed_dims, hidden_sizes and mlp_ratios '
                              'must have one entry per stage.')
         _check_choice('token mixer', self.token_mixer, TOKEN_MIXERS)
         _check_choice('union', self.union, UNIONS)
@@ -408,7 +409,7 @@ class Sequencer(nn.Module):
         _check_choice('recurrence', self.recurrence, RECURRENCES)
         recurrent.get_cell(self.cell)
         if self.num_classes < 0:
-            raise ValueError(f'num_classes must be >= 0, got {self.num_classes}.')
+            raise UserError(f'num_classes must be >= 0, got {self.num_classes}.')
         super().__post_init__()
 
     @property
@@ -432,17 +433,19 @@ class Sequencer(nn.Module):
             start += depth
         return rates
 
-    def _check_input(self, x: Array) -> None:
-        if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ValueError(f'Expected images [B, H, W, {self.in_chans}] (channels last), '
-                             f'got shape {tuple(x.shape)}.')
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        """A UserError unless ``shape`` is a batch of images ``[B, H, W, in_chans]`` whose
+        sides this model takes."""
+        if len(shape) != 4 or shape[-1] != self.in_chans:
+            raise UserError(f'Expected images [B, H, W, {self.in_chans}] (channels last), '
+                            f'got shape {tuple(shape)}.')
         s = self.total_stride
-        if x.shape[1] % s or x.shape[2] % s:
-            raise ValueError(
+        if shape[1] % s or shape[2] % s:
+            raise UserError(
                 f'Image sides must be divisible by the total stride {s} '
-                f'(patch sizes {tuple(self.patch_sizes)}), got {x.shape[1]}x{x.shape[2]}. '
-                f'Resize or crop to e.g. {x.shape[1] // s * s or s}x'
-                f'{x.shape[2] // s * s or s}.')
+                f'(patch sizes {tuple(self.patch_sizes)}), got {shape[1]}x{shape[2]}. '
+                f'Resize or crop to e.g. {shape[1] // s * s or s}x'
+                f'{shape[2] // s * s or s}.')
 
     def _block_kwargs(self, stage: int) -> dict:
         return dict(hidden_size=self.hidden_sizes[stage], mlp_ratio=self.mlp_ratios[stage],
@@ -489,7 +492,7 @@ class Sequencer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        self._check_input(x)
+        self.check_input_shape(x.shape)
         x = self._conv(0, 'stem')(x.astype(self.dtype))
         if self.pos_embed_grid is not None:
             x = self._pos_embed(x)

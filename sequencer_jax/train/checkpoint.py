@@ -21,11 +21,12 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy_lib
 
 from sequencer_jax import storage
+from sequencer_jax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError):
     """A checkpoint could not be written (a full disk, lost permissions, bucket errors);
     the message says why, which checkpoint is the newest complete one and how to resume."""
 
@@ -51,7 +52,7 @@ def make_manager(workdir: str | epath.Path, keep: int, best_metric: str | None
 
 
 def check_room(manager: ocp.CheckpointManager, abstract_state: Any, held: int) -> None:
-    """Before training: a ValueError when the local disk of the checkpoints has no room
+    """Before training: a UserError when the local disk of the checkpoints has no room
     for one checkpoint of ``abstract_state`` (its arrays' bytes; orbax writes ~1.1x that),
     and a warning when it has room for fewer than the run will hold: ``held`` and the one
     being written, less those already there. Buckets have no free space to ask for."""
@@ -63,7 +64,7 @@ def check_room(manager: ocp.CheckpointManager, abstract_state: Any, held: int) -
     free = int(multihost_utils.broadcast_one_to_all(
         shutil.disk_usage(directory).free // 2**20))
     if free < size:
-        raise ValueError(f'The disk of {directory} has {free:,} MiB free, less than one '
+        raise UserError(f'The disk of {directory} has {free:,} MiB free, less than one '
                          f'checkpoint of this run ({size:,.1f} MiB: parameters, optimizer '
                          'state and EMA, if any). Free space there or give another --workdir.')
     wanted = held + 1 - len(manager.all_steps())
@@ -176,7 +177,7 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                         tree, shardings)
 
 
-class StateMismatchError(ValueError):
+class StateMismatchError(UserError):
     """A readable checkpoint whose arrays differ from the state it was to restore into:
     it was written with another model or optimizer configuration."""
 

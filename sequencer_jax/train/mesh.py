@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sequencer_jax.errors import UserError
+
 BATCH_AXES = ('data', 'fsdp')
 RULES = ('fsdp', 'replicate')
 MIN_SHARDED_SIZE = 2**12  # smaller leaves are cheaper replicated than gathered
@@ -27,22 +29,22 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = N
     """A mesh over ``devices`` (default: all) with the named axis sizes; one -1 allowed."""
     devices = list(jax.devices() if devices is None else devices)
     if not all(_is_pair(a, str, int) for a in axes):
-        raise ValueError("config.mesh must be (name, size) pairs, e.g. (('data', -1), "
+        raise UserError("config.mesh must be (name, size) pairs, e.g. (('data', -1), "
                          f"('fsdp', 1)), got {axes!r}.")
     names = tuple(name for name, _ in axes)
     if set(names) != set(BATCH_AXES) or len(names) != len(BATCH_AXES):
-        raise ValueError(f'config.mesh must name the axes {BATCH_AXES} once each, got {names}.')
+        raise UserError(f'config.mesh must name the axes {BATCH_AXES} once each, got {names}.')
     sizes = [int(size) for _, size in axes]
     if sizes.count(-1) > 1:
-        raise ValueError(f'config.mesh may use -1 for one axis only, got {list(axes)}.')
+        raise UserError(f'config.mesh may use -1 for one axis only, got {list(axes)}.')
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f'config.mesh {list(axes)}: {len(devices)} devices do not divide '
+            raise UserError(f'config.mesh {list(axes)}: {len(devices)} devices do not divide '
                              f'by the fixed axis sizes ({known}).')
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f'config.mesh {list(axes)} needs {math.prod(sizes)} devices but '
+        raise UserError(f'config.mesh {list(axes)} needs {math.prod(sizes)} devices but '
                          f'{len(devices)} are available; use -1 for one axis to fill them.')
     return Mesh(np.asarray(devices).reshape(sizes), names,
                 axis_types=(jax.sharding.AxisType.Auto,) * len(names))
@@ -73,15 +75,15 @@ def _spec(rule: str, shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
 
 def check_rules(rules: Sequence[tuple[str, str]]) -> None:
     if not all(_is_pair(r, str, str) for r in rules):
-        raise ValueError("config.param_rules must be (regex, rule) pairs, e.g. (('.*', "
+        raise UserError("config.param_rules must be (regex, rule) pairs, e.g. (('.*', "
                          f"'fsdp'),) (note the comma after a single pair), got {rules!r}.")
     for pattern, rule in rules:
         if rule not in RULES:
-            raise ValueError(f'Unknown param rule {rule!r} for {pattern!r}; expected {RULES}.')
+            raise UserError(f'Unknown param rule {rule!r} for {pattern!r}; expected {RULES}.')
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f'config.param_rules: {pattern!r} is not a regular expression '
+            raise UserError(f'config.param_rules: {pattern!r} is not a regular expression '
                              f'({e}).') from None
 
 

@@ -1,8 +1,9 @@
-"""train_step and eval_step: pure functions, jit-ed (and sharded) by the caller."""
+"""train_step and eval_step: pure functions, jit-ed (and sharded) by the caller; and
+``evaluate``, the host loop that sums eval_step over a split."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -116,3 +117,18 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
         'loss_sum': jnp.sum(jnp.where(mask > 0, nll, 0.0)),
         'count': jnp.sum(mask),
     }
+
+
+def evaluate(params: Any, batches: Callable[[], tuple[Any, int]], eval_fn) -> dict[str, float]:
+    """top1, top5 and loss over a whole split: ``batches()`` gives its padded batches
+    (and their count), ``eval_fn(params, batch)`` the sums of ``eval_step``; every
+    example counts once."""
+    dataset, _ = batches()
+    totals = None
+    for batch in dataset:
+        out = eval_fn(params, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.tree.map(float, totals)
+    count = max(totals['count'], 1.0)
+    return {'top1': totals['top1'] / count, 'top5': totals['top5'] / count,
+            'loss': totals['loss_sum'] / count}
