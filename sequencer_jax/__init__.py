@@ -9,13 +9,14 @@ from sequencer_jax.models import (BiRNN1D, BiRNN2D, Sequencer, Sequencer1D, Sequ
 __version__ = '0.1.0'
 
 __all__ = ['BiRNN1D', 'BiRNN2D', 'Sequencer', 'Sequencer1D', 'Sequencer2D', 'SequencerBlock',
-           'convert', 'create_model', 'list_models', 'xla_options']
+           'convert', 'create_model', 'list_models', 'load_pretrained', 'xla_options']
 
 
 def __getattr__(name: str):
-    # ``sj.convert`` is imported on first use, not with the package: importing it here
-    # made ``python -m sequencer_jax.convert`` warn that runpy found the module already
-    # imported (its CLI would then run a second copy of it).
+    # Imported on first use, not with the package: weights I/O brings orbax and the Hub
+    # client, which a user of the modules alone does not need.
     if name == 'convert':
         return importlib.import_module('sequencer_jax.convert')
+    if name == 'load_pretrained':
+        return importlib.import_module('sequencer_jax.weights').load_pretrained
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -6,10 +6,17 @@
         --plot=/tmp/sweep.png [--compare=/tmp/other_eval.json,...] [--crop_pct=1.0]
 
 ``--checkpoint`` is a training workdir (its newest checkpoint; the model comes from
-``--config``, by default the run's own, ``configs/workdir.py:dir=DIR``) or a directory written
-by ``python -m sequencer_jax.convert`` (the model comes from its model.json; give
-``--config``). The dataset, batch size and mesh come from the config.
-Every example of the split counts exactly once (padded, masked batches).
+``--config``, by default the run's own, ``configs/workdir.py:dir=DIR``), a directory
+written by ``python -m sequencer_jax.convert`` or published weights on the Hub
+(``hf-hub:timm/sequencer2d_s.in1k``; for both the model comes from the checkpoint, and
+the resolution, crop and normalisation from its preprocessing unless the flags say
+otherwise), or a PyTorch state_dict file (the model from ``--config``). The dataset, batch
+size and mesh come from the config. Every example of the split counts exactly once.
+Reproducing timm's published top-1 of sequencer2d_s (82.34), with ImageNet's two tars in
+``~/tensorflow_datasets/downloads/manual/`` (TFDS prepares both splits on first use)::
+
+    python -m sequencer_jax.evaluate --config=configs/imagenet.py \
+        --checkpoint=hf-hub:timm/sequencer2d_s.in1k
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
                         use_ema: bool = False, class_mask=None) -> list[dict]:
     """Rows ``{'resolution', 'top1', 'top5', 'loss', 'examples'}``, one per resolution.
 
-    ``class_mask`` (bool [K]) restricts predictions to a class subset (ImageNet-A/R).
+    Weights that name their preprocessing (published ones: ``weights.preprocessing``) are
+    fed as they want (mean, std, interpolation; ``crop_pct`` unless given), others as the
+    config says. ``class_mask`` (bool [K]) restricts predictions to a class subset
+    (ImageNet-A/R).
     """
     config_defaults.validate(config, training=False)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -52,6 +62,9 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     if bad:
         raise UserError(f'--resolutions must be positive image sizes, got {bad}.')
     params, ema_params, model = weights.load_params(checkpoint_dir)
+    preprocessing = weights.preprocessing(checkpoint_dir)
+    if preprocessing and crop_pct is None:
+        crop_pct = preprocessing['crop_pct']
     spec = pipeline.dataset_spec(config.dataset)
     split = split or spec.eval_split
     examples = pipeline.split_examples(
@@ -82,7 +95,8 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     for size in resolutions:
         def batches(size=size):
             ds, n = pipeline.eval_dataset(spec, config, local_batch, image_size=size,
-                                          crop_pct=crop_pct, split=split)
+                                          crop_pct=crop_pct, split=split,
+                                          preprocessing=preprocessing)
             return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
 
         with jax.set_mesh(mesh):  # recurrence='pallas' splits its kernels over it
@@ -112,7 +126,9 @@ def main(argv) -> None:
         compared = [resolution.load_rows(p) for p in _COMPARE.value]
     except (UserError, OSError) as e:
         raise UserError(f'--compare: {e}') from None
-    resolutions = [config.eval_image_size or config.image_size]
+    preprocessing = weights.preprocessing(cli.CHECKPOINT.value)
+    resolutions = [preprocessing['input_size'][-1] if preprocessing
+                   else config.eval_image_size or config.image_size]
     if _RESOLUTIONS.value:
         if not all(r.strip().isdigit() for r in _RESOLUTIONS.value):
             raise UserError(f'--resolutions={",".join(_RESOLUTIONS.value)}: give '

@@ -1,31 +1,40 @@
 """Where a model's weights come from and go to, below the training loop.
 
 A weights source is a training workdir (the params and EMA params of its newest
-checkpoint) or a directory written by ``python -m sequencer_jax.convert`` (orbax params
-plus ``model.json``, which names the model), local or ``gs://``. The loop (resume,
-``config.init_from``), ``evaluate``, the experiments and ``convert`` read them here, and
-check here that they fit the model they are given to.
+checkpoint), a directory written by ``python -m sequencer_jax.convert`` (orbax params
+plus ``model.json``, which names the model and the preprocessing its weights want),
+local or ``gs://``, or published weights on the Hugging Face Hub
+(``hf-hub:timm/sequencer2d_s.in1k``, converted once into such a directory next to
+huggingface_hub's cache). The loop (resume, ``config.init_from``), ``evaluate``, the
+experiments and ``convert`` read them here, and check here that they fit the model they
+are given to.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shutil
+import tempfile
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
-from sequencer_jax import config_defaults, errors, storage
+from huggingface_hub import constants as hub_constants
+
+from sequencer_jax import config_defaults, errors, hub, storage
 from sequencer_jax.errors import UserError
-from sequencer_jax.models import layout, registry
+from sequencer_jax.models import layout, registry, torch_weights
 from sequencer_jax.train import checkpoint
 
 MODEL_INFO_FILE = 'model.json'
 PARAMS_DIR = 'params'
+STATE_DICT_SUFFIXES = ('.pth', '.pt', '.safetensors', '.npz')
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
@@ -47,9 +56,11 @@ def load_state_dict_file(path: str) -> dict[str, Any]:
 
 
 def save_converted(output_dir: str | os.PathLike, name: str, num_classes: int,
-                   variables: dict[str, Any], model_args: dict[str, Any] | None = None) -> None:
-    """Writes ``variables`` as an orbax checkpoint plus ``model.json`` describing the model,
-    into a new local or ``gs://`` directory."""
+                   variables: dict[str, Any], model_args: dict[str, Any] | None = None,
+                   preprocessing: dict[str, Any] | None = None) -> None:
+    """Writes ``variables`` as an orbax checkpoint plus ``model.json`` describing the model
+    (and, when known, the preprocessing the weights want: ``hub.preprocessing``), into a
+    new local or ``gs://`` directory."""
     output_dir = storage.resolve(output_dir)
     params_dir = output_dir / PARAMS_DIR
     if params_dir.exists():
@@ -57,8 +68,10 @@ def save_converted(output_dir: str | os.PathLike, name: str, num_classes: int,
     output_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, variables)
-    (output_dir / MODEL_INFO_FILE).write_text(json.dumps(
-        {'model': name, 'num_classes': num_classes, 'model_args': model_args or {}}, indent=1))
+    info = {'model': name, 'num_classes': num_classes, 'model_args': model_args or {}}
+    if preprocessing:
+        info['preprocessing'] = preprocessing
+    (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1))
 
 
 def load_converted(path: str | os.PathLike):
@@ -75,32 +88,108 @@ def load_converted(path: str | os.PathLike):
     return model, variables
 
 
+def preprocessing(source: str | epath.Path) -> dict[str, Any] | None:
+    """The preprocessing the weights of ``source`` want (a converted directory's, e.g.
+    from the Hub: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``input_size``), or
+    None when it does not say (a training workdir: its config does)."""
+    info_file = checked_source(source) / MODEL_INFO_FILE
+    if not info_file.exists():
+        return None
+    saved = json.loads(info_file.read_text()).get('preprocessing')
+    return None if saved is None else {k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in saved.items()}
+
+
+class Pretrained(NamedTuple):
+    """What ``load_pretrained`` returns: the model, its variables, and how to preprocess
+    its images (timm's ``pretrained_cfg``: ``mean``, ``std``, ``interpolation``,
+    ``crop_pct``, ``input_size``)."""
+
+    model: Any
+    variables: dict[str, Any]
+    preprocessing: dict[str, Any]
+
+
+def load_pretrained(name: str, revision: str | None = None) -> Pretrained:
+    """Published weights in one call: ``model, variables, preprocessing =
+    sj.load_pretrained('sequencer2d_s')``. ``name`` is a variant with published weights
+    (``hub.PUBLISHED``: timm's ImageNet-1K weights) or a Hub repository
+    (``timm/sequencer2d_s.in1k``); ``revision`` pins a branch, tag or commit. The weights
+    are fetched through huggingface_hub on first use and converted once."""
+    directory = hub_converted_dir(hub.source_for(name, revision))
+    model, variables = load_converted(directory)
+    return Pretrained(model, variables, preprocessing(directory))
+
+
+def hub_converted_dir(source: str) -> epath.Path:
+    """The converted directory of a Hub source, made on first use from its
+    ``model.safetensors`` (the architecture from its ``config.json``), next to
+    huggingface_hub's cache: ``<HF_HUB_CACHE>/sequencer_jax/<repo>/<commit>``."""
+    fetched = hub.fetch(source)
+    target = storage.resolve(hub_constants.HF_HUB_CACHE) / 'sequencer_jax' / \
+        fetched.repo_id.replace('/', '--') / fetched.commit
+    if (target / MODEL_INFO_FILE).exists():
+        return target
+    name, num_classes, model_args = hub.architecture(fetched)
+    state_dict = load_state_dict_file(fetched.weights_file)
+    variables = torch_weights.from_torch_state_dict(state_dict, name, num_classes, **model_args)
+    # Written aside and moved into place: several processes may convert at once.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{fetched.commit}-', dir=target.parent)
+    save_converted(os.path.join(staging, 'out'), name, num_classes, variables, model_args,
+                   hub.preprocessing(fetched))
+    try:
+        os.rename(os.path.join(staging, 'out'), target)
+    except OSError:  # another process was first
+        if not (target / MODEL_INFO_FILE).exists():
+            raise
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f'Converted {fetched.repo_id} ({name}, commit {fetched.commit[:12]}) into {target}',
+          flush=True)
+    return target
+
+
 def checked_source(source: str | epath.Path) -> epath.Path:
-    """``source`` resolved; a UserError unless it is a converted directory or a training
-    workdir with checkpoints."""
+    """``source`` resolved to a directory; a UserError unless it is a converted
+    directory, a training workdir with checkpoints or a Hub source (converted here)."""
+    if hub.is_hub_source(source):
+        return hub_converted_dir(str(source))
     source = storage.resolve(source)
-    if (source / MODEL_INFO_FILE).exists():
+    if (source / MODEL_INFO_FILE).exists() or _is_state_dict_file(source):
         return source
     manager = checkpoint.open_read_only(source)
     if manager is None:
         raise UserError(f'{source} is neither a converted checkpoint (python -m '
-                        'sequencer_jax.convert) nor a training workdir with checkpoints.')
+                        'sequencer_jax.convert), a training workdir with checkpoints, a '
+                        f'PyTorch state_dict file ({", ".join(STATE_DICT_SUFFIXES)}) nor a '
+                        'Hub source (hf-hub:timm/sequencer2d_s.in1k).')
     manager.close()
     return source
 
 
 def load_params(source: str | epath.Path) -> tuple[Any, Any, Any]:
     """(params, EMA params or None, model or None) of a weights source; the model is known
-    only for a converted directory (its ``model.json``), a workdir's comes from its config.
+    only for a converted directory (its ``model.json``; a Hub source is converted into
+    one), a workdir's or a state_dict file's comes from the config.
     Nothing is written there: the workdir may be another run's, still training."""
     source = checked_source(source)
     if (source / MODEL_INFO_FILE).exists():
         model, variables = load_converted(source)
         return variables['params'], None, model
+    if _is_state_dict_file(source):  # its model comes from the config, and is checked there
+        state_dict = torch_weights.official_to_timm_keys(load_state_dict_file(str(source)))
+        flat = torch_weights.timm_to_flax_params(state_dict)
+        params = traverse_util.unflatten_dict({k: np.asarray(v, np.float32)
+                                               for k, v in flat.items()})
+        return params, None, None
     with checkpoint.open_read_only(source) as manager:
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore()))['state']
     return restored['params'], restored.get('ema_params'), None
+
+
+def _is_state_dict_file(path: epath.Path) -> bool:
+    return path.suffix in STATE_DICT_SUFFIXES and path.is_file()
 
 
 def load_model(source: str | epath.Path, image_size: int) -> tuple[Any, Any]:

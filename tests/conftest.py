@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session. The 8 fake devices'
 # threads share 2 cores with another test worker: one may reach a collective more than
@@ -11,6 +12,10 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_cpu_collective_call_terminate_timeout_seconds=600')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# huggingface_hub reads these at import: no telemetry request, and a Hub cache of the
+# tests' own, never the user's (tests that fetch weights serve them on 127.0.0.1).
+os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
+os.environ.setdefault('HF_HOME', tempfile.mkdtemp(prefix='sequencer_jax_tests_hf_'))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -23,6 +28,13 @@ except ImportError:
     pass
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'timm_parity.npz')
+
+
+def fixture_images(h: int, w: int) -> np.ndarray:
+    """The fixture's images [1, h, w, 3]: random, from a seed of their size (numpy's
+    legacy generator never changes its stream), rounded to float16 values."""
+    images = np.random.RandomState(1000 * h + w).randn(1, h, w, 3)
+    return images.astype(np.float16).astype(np.float32)
 
 
 class TimmFixture:
@@ -49,7 +61,7 @@ class TimmFixture:
         return out
 
     def images(self, h: int, w: int) -> np.ndarray:
-        return self._data[f'images_{h}x{w}'].astype(np.float32)
+        return fixture_images(h, w)
 
     def logits(self, name: str, h: int, w: int) -> np.ndarray:
         return self._data[f'{name}/logits_{h}x{w}']

@@ -72,7 +72,7 @@ def test_model_flops_match_the_paper(name, paper_gmacs):
 def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
     (tmp_path / 'a_file').write_text('')
     for argv, message in [
-            (['--image_size=30'], 'divisible by the total stride 14'),
+            (['--image_size=13'], 'the smallest size that works is 14x14'),
             (['--model_args={"unrol": 2}'], "Unknown option(s) ['unrol']"),
             (['--model_args={unroll: 2}'], "--model_args '{unroll: 2}' is not valid JSON"),
             (['--model_args=[2]'], 'must be a JSON object of model options'),

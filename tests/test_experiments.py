@@ -51,12 +51,13 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
             "--config.model.args={'layers': (1, 1, 1, 1), 'patch_sizes': (4, 2, 1, 1), "
             "'embed_dims': (16, 24, 24, 24), 'hidden_sizes': (4, 6, 6, 6)}"]
     # Without --config: the workdir's own (saved by training: the same as args).
-    first = _run(['sequencer_jax.evaluate', f'--checkpoint={trained}', '--resolutions=24,32,40',
+    # Sides that are not multiples of the total stride 8 work, as in timm.
+    first = _run(['sequencer_jax.evaluate', f'--checkpoint={trained}', '--resolutions=20,32,36',
                   f'--output_json={tmp_path / "a.json"}', '--label=tiny'])
     assert first.returncode == 0, first.stderr[-3000:]
     assert f'Config: {trained}/config.json, the latest start of that run' in first.stdout
     rows = json.loads((tmp_path / 'a.json').read_text())['rows']
-    assert [r['resolution'] for r in rows] == [24, 32, 40]
+    assert [r['resolution'] for r in rows] == [20, 32, 36]
     assert all(r['examples'] == 360 for r in rows)
     second = _run(args + ['--resolutions=32,48', '--crop_pct=1.0', '--label=crop1',
                           f'--output_json={tmp_path / "new" / "b.json"}',
@@ -72,8 +73,11 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     assert (f'Missing --config: --checkpoint={tmp_path} holds no config.json (the config a '
             'training run saves in its workdir) to use instead; give the config that names '
             'the dataset to evaluate on, e.g. --config=configs/imagenet.py.') in bad.stderr
-    bad = _run(args + ['--resolutions=30'])
-    assert bad.returncode != 0 and 'divisible by the total stride 8' in bad.stderr
+    bad = _run(args + ['--resolutions=30,4'])
+    assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.rstrip().splitlines()[-1] == (
+        'error: Images of 4x4 pixels are too small: each downsampling (patch sizes (4, 2, 1, '
+        '1)) must leave at least one patch, so the smallest size that works is 8x8.')
     bad = _run(args + ['--split=dev'])
     assert bad.returncode == 1 and 'Traceback' not in bad.stderr, bad.stderr[-3000:]
     assert ("sklearn_digits has no split 'dev'; it has ['test', 'train']. Give --split one "
@@ -94,19 +98,44 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     assert not (tmp_path / 'c.png').exists()
 
 
-def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, tmp_path, capsys,
-                                                                    monkeypatch):
+@pytest.mark.slow
+def test_the_readme_resolution_sweep_runs_as_written(trained, data_dir, tmp_path):
+    """docs/experiments.md's sweep (every resolution of the paper's study, most of them
+    not multiples of the total stride), on the embedded digits instead of ImageNet."""
+    text = (ROOT / 'docs' / 'experiments.md').read_text()
+    resolutions = re.search(r'--resolutions=([\d,]+)', text).group(1)
+    assert resolutions == '128,160,192,224,256,288,320,384'
+    run = _run(['sequencer_jax.evaluate', f'--checkpoint={trained}',
+                f'--resolutions={resolutions}', f'--output_json={tmp_path / "s.json"}',
+                f'--plot={tmp_path / "sweep.png"}', '--label=S'])
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / 's.json').read_text())['rows']
+    assert [r['resolution'] for r in rows] == [int(r) for r in resolutions.split(',')]
+    assert all(r['examples'] == 360 and 0 <= r['top1'] <= 1 for r in rows)
+    assert (tmp_path / 'sweep.png').read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, data_dir, tmp_path,
+                                                                    capsys, monkeypatch):
     params = weights.load_params(trained)[0]
     exported = tmp_path / 'w.npz'
     run_cli(convert_cli.main, '--to_timm', f'--input={trained}', f'--output={exported}')
     with np.load(exported) as f:
         state_dict = {k: f[k] for k in f.files}
     count = sum(x.size for x in jax.tree.leaves(params))
+    # A custom size: code that builds timm's model of that size (was timm.create_model(NAME)).
     assert capsys.readouterr().out.startswith(
         f'Wrote {len(state_dict)} arrays ({count:,} parameters) to {exported}; in PyTorch: '
-        'timm.create_model(NAME, num_classes=10)')
+        'timm.models.sequencer.Sequencer2d(layers=[1, 1, 1, 1], patch_sizes=[4, 2, 1, 1], '
+        'embed_dims=[16, 24, 24, 24], hidden_sizes=[4, 6, 6, 6], num_classes=10)'
+        '.load_state_dict(...)')
     back = convert.from_torch_state_dict(state_dict, 'sequencer2d_s', **TINY_MODEL)['params']
     jax.tree.map(np.testing.assert_array_equal, back, params)
+    # The file is a checkpoint source like the workdir (its model from the config).
+    from sequencer_jax import evaluate
+    config = tiny_config(data_dir)
+    assert evaluate.evaluate_checkpoint(config, str(exported), [32]) == \
+        evaluate.evaluate_checkpoint(config, trained, [32])
     for args, message in [
             ([f'--output={exported}'], 'already exists; choose a new --output file'),
             ([f'--output={tmp_path / "w.pth"}'], 'give a .safetensors or .npz file'),

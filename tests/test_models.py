@@ -1,6 +1,7 @@
 """Models: parameter counts, parity with timm (committed fixture), options, errors."""
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -67,7 +68,9 @@ def test_logits_equal_reference(timm_fixture, case):
     model, info = _fixture_model(timm_fixture, case)
     variables = convert.from_torch_state_dict(timm_fixture.state_dict(case), info['variant'],
                                               **info['overrides'])
-    assert len(info['sizes']) >= 1
+    # Every case has sides that are not multiples of the total stride (VALID convolutions).
+    stride = model.total_stride
+    assert any(h % stride or w % stride for h, w in info['sizes'])
     for h, w in info['sizes']:
         logits = model.apply(variables, timm_fixture.images(h, w))
         ref = timm_fixture.logits(case, h, w)
@@ -314,8 +317,18 @@ def test_init_matches_timm_scheme():
 def test_bad_inputs_raise_clear_errors():
     model = sj.create_model('sequencer2d_s', num_classes=3, **TINY)
     variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))
-    with pytest.raises(ValueError, match='divisible by the total stride 14'):
-        model.apply(variables, jnp.ones((1, 30, 28, 3)))
+    assert model.apply(variables, jnp.ones((1, 30, 28, 3))).shape == (1, 3)  # as timm
+    with pytest.raises(ValueError, match=re.escape(
+            'Images of 13x28 pixels are too small: each downsampling (patch sizes (7, 2, 1, '
+            '1)) must leave at least one patch, so the smallest size that works is 14x14.')):
+        model.apply(variables, jnp.ones((1, 13, 28, 3)))
+    with_embedding = sj.create_model('v_sequencer_s_pe', 3, layers=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=re.escape(
+            'This model learned a position embedding for a 16x16 grid, which 240x220 images '
+            'do not give (as in the official code): give 224x224 images (sides up to 237x237 '
+            'crop to it).')):
+        with_embedding.check_input_shape((1, 240, 220, 3))
+    with_embedding.check_input_shape((1, 237, 224, 3))
     with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
         model.apply(variables, jnp.ones((1, 28, 28, 4)))
     with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):

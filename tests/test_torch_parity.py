@@ -1,5 +1,7 @@
 """Live parity with the PyTorch reference (timm / official code). Skips without torch+timm."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -61,13 +63,14 @@ def test_every_variant_tiny_logits_equal_torch(name):
     elif name in ('v_sequencer_s', 'v_sequencer_s_pe'):
         overrides = TINY_VANILLA
     # The official position embedding is fixed to the training grid.
-    sizes = [(224, 224)] if name == 'v_sequencer_s_pe' else [(224, 224), (112, 84)]
+    sizes = [(224, 224), (230, 237)] if name == 'v_sequencer_s_pe' else [
+        (224, 224), (112, 84), (128, 128), (160, 160), (225, 225), (97, 150)]
     _check(name, sizes, **overrides)
 
 
 @pytest.mark.parametrize('name', ['sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l'])
 def test_full_size_logits_equal_timm(name):
-    _check(name, [(224, 224), (168, 252)])
+    _check(name, [(224, 224), (168, 252), (160, 160), (392, 392)])
 
 
 @pytest.mark.parametrize('name', ['sequencer2d_s', 'gru_sequencer2d_s', 'rnn_sequencer2d_s',
@@ -87,7 +90,7 @@ def test_input_gradients_equal_torch(name):
                                rtol=1e-4)
 
 
-def test_exported_weights_give_timm_the_same_logits(tmp_path):
+def test_exported_weights_give_timm_the_same_logits(tmp_path, capsys):
     """JAX params (scanned layout) -> convert --to_timm -> timm, loaded strictly."""
     from safetensors.torch import load_file
     model = sj.create_model('sequencer2d_s', 7, scan_blocks=True, **TINY)
@@ -103,6 +106,11 @@ def test_exported_weights_give_timm_the_same_logits(tmp_path):
     run_cli(convert_cli.main, '--to_timm', f'--input={tmp_path / "jax"}', f'--output={exported}')
     reference = torch_reference.build('sequencer2d_s', 7, **TINY)
     reference.load_state_dict(load_file(str(exported)), strict=True)
+    # The code the CLI prints builds timm's model of this custom size.
+    import timm.models.sequencer
+    code = re.search(r'in PyTorch: (.+?)\.load_state_dict', capsys.readouterr().out).group(1)
+    assert code.startswith('timm.models.sequencer.Sequencer2d(layers=')
+    eval(code, {'timm': timm}).load_state_dict(load_file(str(exported)), strict=True)
     np.testing.assert_allclose(np.asarray(model.apply(variables, images)),
                                torch_reference.logits(reference, images), atol=1e-4, rtol=0)
 

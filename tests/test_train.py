@@ -753,7 +753,7 @@ def test_out_of_range_numbers_stop_training_and_evaluation_before_any_work(tmp_p
                              ({'best_metric': 'eval/acc'}, "config.best_metric='eval/acc' must "
                               "be one of \\['eval/top1'"),
                              ({'best_metric': 'eval_ema/top1'}, 'needs EMA weights'),
-                             ({'eval_image_size': 36}, 'divisible by the total stride 8'),
+                             ({'eval_image_size': 7}, 'the smallest size that works is 8x8'),
                              ({'profile.num_steps': 0},
                               'config.profile.num_steps=0 must be at least 1')]:
         with pytest.raises(ValueError, match=error):

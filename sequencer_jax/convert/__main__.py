@@ -12,18 +12,21 @@ and back, a training workdir's (or a converted directory's) weights as a timm st
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 from absl import flags
 
-from sequencer_jax import cli, errors, storage, weights
+from sequencer_jax import cli, config_defaults, errors, hub, storage, weights
 from sequencer_jax.errors import UserError
 from sequencer_jax.models import registry
 from sequencer_jax.models.torch_weights import (from_torch_state_dict, num_classes_of,
                                                 official_to_timm_keys, to_timm_state_dict)
 
-_INPUT = flags.DEFINE_string('input', None, '.pth, .pt, .safetensors or .npz file; with '
-                             '--to_timm a training workdir or a converted directory')
+_INPUT = flags.DEFINE_string('input', None, '.pth, .pt, .safetensors or .npz file, or a Hub '
+                             'repository (hf-hub:timm/sequencer2d_s.in1k; no --model needed); '
+                             'with --to_timm a training workdir or a converted directory')
 _TO_TIMM = flags.DEFINE_bool('to_timm', False, 'write the params of --input as a timm '
                              'state_dict (timm key names, PyTorch layouts) to --output, a '
                              'new .safetensors or .npz file')
@@ -42,6 +45,12 @@ def main(argv) -> None:
         return
     if cli.EMA.value:
         raise UserError('--ema goes with --to_timm.')
+    if hub.is_hub_source(_INPUT.value):
+        if cli.MODEL.value or cli.NUM_CLASSES.value or cli.MODEL_ARGS.value != '{}':
+            raise UserError('A Hub repository names its model (its config.json): drop '
+                            '--model, --num_classes and --model_args.')
+        copy_hub_weights(_INPUT.value, cli.OUTPUT.value)
+        return
     if cli.MODEL.value is None:
         raise UserError('--model is required: the registered variant the weights belong to, '
                         f'one of {", ".join(registry.list_models())}.')
@@ -54,6 +63,16 @@ def main(argv) -> None:
     weights.save_converted(cli.OUTPUT.value, name, num_classes, variables, model_args)
     count = sum(x.size for x in jax.tree.leaves(variables))
     print(f'Wrote {name} ({num_classes} classes, {count:,} parameters) to {cli.OUTPUT.value}')
+
+
+def copy_hub_weights(source: str, output: str) -> None:
+    """A Hub source's weights (converted once into the cache) to a new directory."""
+    directory = weights.hub_converted_dir(source)
+    info = json.loads((directory / weights.MODEL_INFO_FILE).read_text())
+    _, variables = weights.load_converted(directory)
+    weights.save_converted(output, info['model'], info['num_classes'], variables,
+                           info['model_args'], info.get('preprocessing'))
+    print(f'Wrote {info["model"]} ({info["num_classes"]} classes) of {source} to {output}')
 
 
 def export_timm(source: str, output: str, ema: bool) -> None:
@@ -78,10 +97,43 @@ def export_timm(source: str, output: str, ema: bool) -> None:
         from safetensors.numpy import save  # an optional package, checked above
         target.write_bytes(save(state_dict, metadata={'format': 'pt'}))
     count = sum(x.size for x in state_dict.values())
+    num_classes = state_dict['head.fc.weight'].shape[0] if 'head.fc.weight' in state_dict else 0
     print(f'Wrote {len(state_dict)} arrays ({count:,} parameters{", EMA" if ema else ""}) to '
-          f'{target}; in PyTorch: timm.create_model(NAME, num_classes='
-          f'{state_dict["head.fc.weight"].shape[0]}).load_state_dict(...) with the tensors '
-          'of that file (safetensors.torch.load_file, or torch.from_numpy of each npz array).')
+          f'{target}; in PyTorch: {timm_model_code(source, num_classes)}.load_state_dict(...) '
+          'with the tensors of that file (safetensors.torch.load_file, or torch.from_numpy '
+          'of each npz array).')
+
+
+# The options of our models that timm's Sequencer2d takes under the same names.
+TIMM_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
+             'bidirectional', 'union', 'with_fc')
+
+
+def timm_model_code(source: str, num_classes: int) -> str:
+    """Python that builds timm's model for the weights of ``source``: timm.create_model
+    for a registered size, timm's Sequencer2d class for a custom one."""
+    info_file = weights.checked_source(source) / weights.MODEL_INFO_FILE
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        model = registry.create_model(info['model'], num_classes, **info['model_args'])
+        name = info['model']
+    else:  # a training workdir: the model of the config its run saved
+        config = config_defaults.saved_config(source)
+        if config is None:
+            return f'timm.create_model(NAME, num_classes={num_classes})'
+        model = config_defaults.model_from_config(config, num_classes)
+        name = config.model.name
+    registered = registry.create_model(name, num_classes)
+    if all(getattr(model, k) == getattr(registered, k) for k in TIMM_ARGS):
+        return f'timm.create_model({name!r}, num_classes={num_classes})'
+    custom = ', '.join(f'{k}={_python(getattr(model, k))}' for k in TIMM_ARGS
+                       if getattr(model, k) != getattr(registered, k)
+                       or k in ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes'))
+    return (f'timm.models.sequencer.Sequencer2d({custom}, num_classes={num_classes})')
+
+
+def _python(value) -> str:
+    return repr(list(value)) if isinstance(value, (tuple, list)) else repr(value)
 
 
 if __name__ == '__main__':

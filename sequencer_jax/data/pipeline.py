@@ -312,12 +312,14 @@ def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: in
 
 def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | None = None,
                  crop_pct: float | None = None, split: str | None = None,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> tuple[tf.data.Dataset, int]:
+                 process_index: int | None = None, process_count: int | None = None,
+                 preprocessing: dict | None = None) -> tuple[tf.data.Dataset, int]:
     """This process's padded eval batches and how many there are (same on every process).
 
     Batches hold ``image``, ``label`` and ``mask`` (1 for real examples, 0 for padding), so
     that metrics summed over ``mask`` count every example of the split exactly once.
+    ``preprocessing``: the ``mean``, ``std`` (of [0, 1] images) and ``interpolation`` the
+    weights want (``weights.preprocessing``); None: ImageNet's and bicubic.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -328,10 +330,15 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
     per_process_max = math.ceil(total / process_count)
     num_batches = math.ceil(per_process_max / local_batch)
     shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    normalisation = {}
+    if preprocessing:
+        normalisation = dict(mean=tuple(255 * m for m in preprocessing['mean']),
+                             std=tuple(255 * s for s in preprocessing['std']),
+                             interpolation=preprocessing['interpolation'])
 
     def preprocess(example):
         image, label = _decode(example, spec)
-        return {'image': transforms.eval_transform(image, image_size, crop_pct),
+        return {'image': transforms.eval_transform(image, image_size, crop_pct, **normalisation),
                 'label': label, 'mask': tf.constant(1, tf.int32)}
 
     ds = _read(spec, shard).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)

@@ -25,8 +25,9 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
                    lambda: image)
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-    return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
+    """[0, 255] -> (image - mean) / std, per channel (mean and std of [0, 255] images)."""
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
@@ -91,17 +92,20 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, size: int, augment) -> tf
     return image
 
 
-def eval_transform(image: tf.Tensor, size: int, crop_pct: float = 0.875) -> tf.Tensor:
+def eval_transform(image: tf.Tensor, size: int, crop_pct: float = 0.875,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   interpolation: str = 'bicubic') -> tf.Tensor:
     """uint8 [H, W, C] -> normalised float32 [size, size, 3]: shorter side to
-    ``size / crop_pct`` (bicubic), then the central ``size x size`` crop."""
+    ``size / crop_pct`` (``interpolation``: 'bicubic', 'bilinear' or 'nearest'), then the
+    central ``size x size`` crop, normalised by ``mean`` and ``std`` (of [0, 255])."""
     image = to_rgb(image)
     h = tf.cast(tf.shape(image)[0], tf.float32)
     w = tf.cast(tf.shape(image)[1], tf.float32)
     scale = math.floor(size / crop_pct) / tf.minimum(h, w)
     new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
     new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
-    image = tf.image.resize(image, [new_h, new_w], method='bicubic')
+    image = tf.image.resize(image, [new_h, new_w], method=interpolation)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     image = image[top:top + size, left:left + size]
     image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-    return tf.ensure_shape(normalize(image), [size, size, 3])
+    return tf.ensure_shape(normalize(image, mean, std), [size, size, 3])

@@ -370,7 +370,8 @@ class Sequencer(nn.Module):
     ``__call__``: images ``[B, H, W, in_chans]`` (normalised) -> logits
     ``[B, num_classes]``, or pooled features ``[B, C]`` when ``num_classes == 0``.
     ``features``: the same images -> the four stage outputs ``[B, h_i, w_i, C_i]``.
-    H and W must be divisible by the total stride ``prod(patch_sizes)``.
+    Any H and W of at least the total stride ``prod(patch_sizes)`` work, as in timm
+    (see ``check_input_shape``).
     """
 
     layers: Sequence[int] = (4, 3, 8, 3)
@@ -434,18 +435,29 @@ class Sequencer(nn.Module):
         return rates
 
     def check_input_shape(self, shape: Sequence[int]) -> None:
-        """A UserError unless ``shape`` is a batch of images ``[B, H, W, in_chans]`` whose
-        sides this model takes."""
+        """A UserError unless ``shape`` is a batch of images ``[B, H, W, in_chans]`` that
+        this model takes: as in timm, any sides whose grid stays at least 1x1 after each
+        downsampling (the convolutions are VALID: 160 px gives a 22x22 grid, the last 6
+        pixels dropped, then 11x11), i.e. at least the total stride; with a position
+        embedding, sides whose stem grid is the embedding's."""
         if len(shape) != 4 or shape[-1] != self.in_chans:
             raise UserError(f'Expected images [B, H, W, {self.in_chans}] (channels last), '
                             f'got shape {tuple(shape)}.')
+        h, w = shape[1:3]
         s = self.total_stride
-        if shape[1] % s or shape[2] % s:
-            raise UserError(
-                f'Image sides must be divisible by the total stride {s} '
-                f'(patch sizes {tuple(self.patch_sizes)}), got {shape[1]}x{shape[2]}. '
-                f'Resize or crop to e.g. {shape[1] // s * s or s}x'
-                f'{shape[2] // s * s or s}.')
+        if h < s or w < s:
+            raise UserError(f'Images of {h}x{w} pixels are too small: each downsampling '
+                            f'(patch sizes {tuple(self.patch_sizes)}) must leave at least '
+                            f'one patch, so the smallest size that works is {s}x{s}.')
+        if self.pos_embed_grid is not None:
+            p = self.patch_sizes[0]
+            grid = tuple(self.pos_embed_grid)
+            if (h // p, w // p) != grid:
+                raise UserError(
+                    f'This model learned a position embedding for a {grid[0]}x{grid[1]} '
+                    f'grid, which {h}x{w} images do not give (as in the official code): '
+                    f'give {grid[0] * p}x{grid[1] * p} images (sides up to '
+                    f'{grid[0] * p + p - 1}x{grid[1] * p + p - 1} crop to it).')
 
     def _block_kwargs(self, stage: int) -> dict:
         return dict(hidden_size=self.hidden_sizes[stage], mlp_ratio=self.mlp_ratios[stage],
@@ -461,12 +473,8 @@ class Sequencer(nn.Module):
                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def _pos_embed(self, x: Array) -> Array:
-        grid = tuple(self.pos_embed_grid)
         pos = self.param('absolute_pos_embed', nn.initializers.truncated_normal(0.02),
-                         (1, *grid, x.shape[-1]), self.param_dtype)
-        if x.shape[1:3] != grid:
-            # Another resolution: resample the learned grid to the new one.
-            pos = jax.image.resize(pos, (1, *x.shape[1:3], x.shape[-1]), 'bilinear')
+                         (1, *self.pos_embed_grid, x.shape[-1]), self.param_dtype)
         return x + pos.astype(self.dtype)
 
     def _stage(self, x: Array, stage: int, train: bool) -> Array:
