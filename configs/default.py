@@ -1,7 +1,7 @@
 """The README's main job: a small Sequencer2D trained on the embedded digits, on CPU.
 
 scikit-learn's handwritten digits (``sklearn_digits``, shipped as a TFDS builder) at
-32 px; about a minute of training on a 2-core CPU. Variant string:
+32 px; about 2 minutes of training on a 2-core CPU. Variant string:
 ``configs/default.py:mesh=data``.
 """
 

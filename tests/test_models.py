@@ -419,3 +419,31 @@ def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path, capsys):
         convert.load_converted(str(tmp_path))
     with pytest.raises(ValueError, match='No such checkpoint file'):
         convert.load_state_dict_file(str(tmp_path / 'missing.pth'))
+
+
+@pytest.mark.parametrize('recurrence, cell', [('natural', 'lstm'), ('natural', 'gru'),
+                                              ('natural', 'rnn'), ('scan', 'lstm')])
+def test_the_model_runs_under_shard_map_with_its_type_checks(recurrence, cell):
+    """jax.shard_map's default check_vma=True: the recurrences' initial carries were
+    invariant while their steps made them varying ('carry input and carry output must
+    have equal types'), and the hand-written VJPs gave varying gradients of invariant
+    weights. Values and gradients equal the plain ones."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    model = sj.create_model('sequencer2d_s', 5, recurrence=recurrence, cell=cell, **TINY)
+    images = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8, 28, 42, 3)))
+    variables = model.init(jax.random.PRNGKey(1), images[:1])
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+
+    def loss(v, x):
+        return jnp.sum(model.apply(v, x) ** 2)
+
+    sharded = (jax.device_put(variables, NamedSharding(mesh, P())),
+               jax.device_put(images, NamedSharding(mesh, P('data'))))
+    logits = jax.shard_map(lambda v, x: model.apply(v, x), mesh=mesh,
+                           in_specs=(P(), P('data')), out_specs=P('data'))(*sharded)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply(variables, images)),
+                               atol=1e-5)
+    grads = jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=(P(), P('data')),
+                          out_specs=P())(*sharded)  # summed over the shards by autodiff
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(grads), jax.grad(loss)(variables, images))

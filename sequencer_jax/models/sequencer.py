@@ -83,8 +83,10 @@ def _layer_norm_bwd(eps, residuals, dy):
     dx = rstd * (d_x_hat - jnp.mean(d_x_hat, axis=-1, keepdims=True)
                  - x_hat * jnp.mean(d_x_hat * x_hat, axis=-1, keepdims=True))
     leading = tuple(range(x.ndim - 1))
-    return (dx.astype(x.dtype), jnp.sum(dy * x_hat, axis=leading).astype(scale.dtype),
-            jnp.sum(dy, axis=leading).astype(bias.dtype))
+    d_scale = jnp.sum(dy * x_hat, axis=leading).astype(scale.dtype)
+    d_bias = jnp.sum(dy, axis=leading).astype(bias.dtype)
+    return (recurrent.cotangent_like(dx.astype(x.dtype), x),
+            recurrent.cotangent_like(d_scale, scale), recurrent.cotangent_like(d_bias, bias))
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
