@@ -12,6 +12,7 @@ are given to.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -124,9 +125,17 @@ def load_pretrained(name: str, revision: str | None = None) -> Pretrained:
 def hub_converted_dir(source: str) -> epath.Path:
     """The converted directory of a Hub source, made on first use from its
     ``model.safetensors`` (the architecture from its ``config.json``), next to
-    huggingface_hub's cache: ``<HF_HUB_CACHE>/sequencer_jax/<repo>/<commit>``."""
+    huggingface_hub's cache: ``<HF_HUB_CACHE>/sequencer_jax/<repo>/<commit>``. Resolved
+    once per process and cache: a source is checked, then read (``checked_source``,
+    ``load_params``, ``preprocessing``), and each fetch asks the Hub and hashes the
+    weights file again."""
+    return _hub_converted_dir(source, hub_constants.HF_HUB_CACHE)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_converted_dir(source: str, hub_cache: str) -> epath.Path:
     fetched = hub.fetch(source)
-    target = storage.resolve(hub_constants.HF_HUB_CACHE) / 'sequencer_jax' / \
+    target = storage.resolve(hub_cache) / 'sequencer_jax' / \
         fetched.repo_id.replace('/', '--') / fetched.commit
     if (target / MODEL_INFO_FILE).exists():
         return target
