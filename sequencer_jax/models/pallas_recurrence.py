@@ -48,7 +48,7 @@ from jax.experimental.pallas import tpu as pl_tpu
 from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import PartitionSpec
 
-from sequencer_jax.models.recurrent import Cell
+from sequencer_jax.models.recurrent import Cell, cotangent_like
 
 Array = jax.Array
 
@@ -222,6 +222,13 @@ def _weight_spec(shape: tuple[int, ...]) -> pl.BlockSpec:
     return pl.BlockSpec((None, *shape[1:]), lambda k, *_: (k,) + (0,) * (len(shape) - 1))
 
 
+def _out_shapes(shapes, sequences: Sequence[Array]) -> list[jax.ShapeDtypeStruct]:
+    """float32 outputs of these shapes that vary over the manual mesh axes (inside
+    ``jax.shard_map``) as the sequences do, which its ``check_vma`` requires."""
+    manual = jax.typeof(sequences[0]).manual_axis_type
+    return [jax.ShapeDtypeStruct(s, jnp.float32, manual_axis_type=manual) for s in shapes]
+
+
 def _loop_call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
                out_shapes: Sequence[tuple[int, ...]], block: int, **options):
     """The GPU form: ``kernel(*weights, *sequences, *outputs)`` on the grid (K, Np / block);
@@ -238,7 +245,7 @@ def _loop_call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
         in_specs=[_weight_spec(w.shape) for w in weights]
         + [sequence_spec(x.shape) for x in sequences],
         out_specs=[sequence_spec(s) for s in out_shapes],
-        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+        out_shape=_out_shapes(out_shapes, sequences),
         **options,
     )(*weights, *sequences)
 
@@ -280,7 +287,7 @@ def _step_call(kernel, weights: Sequence[Array], sequences: Sequence[Array],
         in_specs=[_weight_spec(w.shape) for w in weights]
         + [sequence_spec(x.shape, p) for x, p in zip(sequences, at_previous_step)],
         out_specs=[sequence_spec(s) for s in out_shapes],
-        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+        out_shape=_out_shapes(out_shapes, sequences),
         scratch_shapes=[pl_tpu.VMEM((bn, dp), jnp.float32)] * n_state,
         compiler_params=pl_tpu.CompilerParams(
             dimension_semantics=('parallel', 'parallel', 'arbitrary')),
@@ -300,11 +307,23 @@ def _per_shard(mesh, kernels, weights: Sequence[Array], sequences: Sequence[Arra
     """``kernels(weights, sequences)`` on each device's share of the sequences (axis 2 of
     [T, K, Np, ...], split over every axis of ``mesh``; weights whole). XLA cannot split
     a Mosaic or Triton kernel over devices itself, and the sequences are independent."""
-    if mesh.empty or mesh.size == 1:
+    axes = _split_axes(mesh)
+    if _devices_over(mesh, axes) == 1:
         return kernels(tuple(weights), tuple(sequences))
-    split = PartitionSpec(None, None, mesh.axis_names)
+    split = PartitionSpec(None, None, axes)
     return jax.shard_map(kernels, mesh=mesh, in_specs=(PartitionSpec(), split),
-                         out_specs=split, check_vma=False)(tuple(weights), tuple(sequences))
+                         out_specs=split, axis_names=frozenset(axes),
+                         check_vma=False)(tuple(weights), tuple(sequences))
+
+
+def _split_axes(mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` the sequences are still to be split over: all but the manual
+    ones (inside a user's ``shard_map`` the sequences are already that device's share)."""
+    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
+def _devices_over(mesh, axes: Sequence[str]) -> int:
+    return math.prod(mesh.shape[a] for a in axes) if axes else 1
 
 
 def _launch(loop_kernel, step_kernel, backward, cell, reverse, dtype, block, mesh, weights,
@@ -359,7 +378,8 @@ def _fused_bwd(cell, reverse, dtype, block, mesh, residuals, d_hs):
                         d_gh.reshape(*d_gh.shape[:3], g, dp).astype(dtype),
                         preferred_element_type=jnp.float32)
     d_b_ih, d_b_hh = (d.sum((0, 2)).reshape(k, g, 1, dp) for d in (d_gx, d_gh))
-    return d_gx, d_w_hh, d_b_ih, d_b_hh
+    return d_gx, *(cotangent_like(d, w) for d, w in ((d_w_hh, w_hh), (d_b_ih, b_ih),
+                                                     (d_b_hh, b_hh)))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -396,7 +416,7 @@ def run_recurrence_pallas(gx: Array, weights: dict[str, Array], cell: Cell,
     # Under a multi-device mesh (``jax.set_mesh``) each device runs its share of the
     # sequences, a whole number of blocks.
     mesh = jax.sharding.get_abstract_mesh()
-    share = block * (1 if mesh.empty else mesh.size)
+    share = block * _devices_over(mesh, _split_axes(mesh))
     g, d = cell.num_gates, weights['w_hh'].shape[1]
     dp, np_ = _next_power_of_two(d), -(-n // share) * share
     gx = _pad_to(_pad_to(gx.reshape(t, k, n, g, d), 4, dp), 2, np_).reshape(t, k, np_, g * dp)

@@ -10,8 +10,9 @@ Every recurrence in Sequencer is short (the side of the patch grid) and very wid
 2. One scan over time whose body only does ``h @ W_hh``, the biases and the gate
    nonlinearities, for all ``K`` recurrences at once:
    ``run_recurrence_natural`` reads each step's gates in place from that layout (the
-   default; a custom VJP keeps its backward pass in place too), ``run_recurrence`` is the
-   ``nn.scan`` over a time-major copy ``[T, K, N, G*D]`` (the reference path).
+   default; a custom derivative keeps the gradients off the in-place reads),
+   ``run_recurrence`` is the ``nn.scan`` over a time-major copy ``[T, K, N, G*D]`` (the
+   reference path).
 
 Weights follow PyTorch's conventions (two bias vectors, gate order i, f, g, o for the
 LSTM and r, z, n for the GRU), transposed to ``[in, out]`` and stacked over ``K``, so
@@ -59,10 +60,10 @@ def varying_like(tree, *refs):
 
 
 def cotangent_like(cotangent: Array, primal: Array) -> Array:
-    """A hand-written VJP's cotangent with the type of its primal: summed over the manual
-    mesh axes it varies over and the primal does not (an invariant weight used by every
-    shard gets the sum of their gradients, as autodiff's transpose of the implicit
-    broadcast gives it)."""
+    """A hand-written VJP's (the Pallas kernels') cotangent with the type of its primal:
+    summed over the manual mesh axes it varies over and the primal does not (an
+    invariant weight used by every shard gets the sum of their gradients, as autodiff's
+    transpose of the implicit broadcast gives it)."""
     axes = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
     return lax.psum(cotangent, axes) if axes else cotangent
 
@@ -247,26 +248,18 @@ def _read_step(g: Array, t: Array, time_axes: Sequence[int], reverse: Sequence[b
     layout ``g [B, *spatial, K, G]`` (recurrence k runs along ``time_axes[k]``)."""
     parts = []
     for k, (axis, rev) in enumerate(zip(time_axes, reverse)):
-        index = g.shape[axis] - 1 - t if rev else t
-        part = lax.dynamic_index_in_dim(g[..., k, :], index, axis, keepdims=False)
-        parts.append(part.reshape(-1, g.shape[-1]))
+        # One slice at (t, k), never g[..., k, :] first: that part does not depend on t,
+        # and autodiff's partial evaluation would copy it out of the loop (a full-size
+        # copy per recurrence).
+        start, sizes = [0] * g.ndim, list(g.shape)
+        start[axis], start[-2] = g.shape[axis] - 1 - t if rev else t, k
+        sizes[axis], sizes[-2] = 1, 1
+        parts.append(lax.dynamic_slice(g, start, sizes).reshape(-1, g.shape[-1]))
     return jnp.stack(parts)
 
 
-def _write_step(buf: Array, t: Array, d: Array, time_axes: Sequence[int],
-                reverse: Sequence[bool]) -> Array:
-    """The inverse of ``_read_step``: writes d [K, N, G] into buf [B, *spatial, K, G]."""
-    for k, (axis, rev) in enumerate(zip(time_axes, reverse)):
-        index = buf.shape[axis] - 1 - t if rev else t
-        shape = list(buf.shape[:-2]) + [1, buf.shape[-1]]
-        shape[axis] = 1
-        start = [0] * buf.ndim
-        start[axis], start[-2] = index, k
-        buf = lax.dynamic_update_slice(buf, d[k].reshape(shape).astype(buf.dtype), start)
-    return buf
-
-
 def _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
+    """The primal recurrence: every step's carry, stacked [T, ...]."""
     k = g.shape[-2]
     n = math.prod(g.shape[:-2]) // g.shape[time_axes[0]]
     zeros = jnp.zeros((k, n, w_hh.shape[1]), jnp.float32)
@@ -281,39 +274,53 @@ def _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
     return carries
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _time_major(g: Array, time_axes: Sequence[int], reverse: Sequence[bool]) -> Array:
+    """g [B, *spatial, K, G] -> [T, K, N, G] in processing order: what ``_read_step``
+    reads at each t, as one linear reshuffle (split, transposes, flips, stack). Its
+    transpose is the inverse reshuffle, where the transpose of T in-place reads would
+    add a full-size buffer at every step."""
+    parts = []
+    for part, axis, rev in zip(lax.split(g, [1] * g.shape[-2], axis=g.ndim - 2), time_axes,
+                               reverse):
+        part = jnp.moveaxis(part[..., 0, :], axis, 0)
+        parts.append((part[::-1] if rev else part).reshape(part.shape[0], -1, g.shape[-1]))
+    return jnp.stack(parts, axis=1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _natural_recurrence(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
     return _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh)[0]
 
 
-def _natural_recurrence_fwd(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
-    carries = _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh)
-    return carries[0], (g, (w_hh, b_ih, b_hh), carries)
+@_natural_recurrence.defjvp
+def _natural_recurrence_jvp(cell, dtype, time_axes, reverse, primals, tangents):
+    """One scan carrying the primal and the tangent carries. Reverse mode linearises it
+    and transposes the tangent half: the known half is ``_natural_forward`` (gates read in
+    place, every step's carry kept), the transposed half a reverse scan that recomputes
+    each step from its carry (the step is rematerialised) and emits the step's gate
+    gradients as scan outputs, laid back out by the transpose of ``_time_major``."""
+    g, *params = primals
+    dg, *d_params = tangents
+    k, steps = g.shape[-2], g.shape[time_axes[0]]
+    n = math.prod(g.shape[:-2]) // steps
+    zeros = jnp.zeros((k, n, params[0].shape[1]), jnp.float32)
+    carry = varying_like((zeros,) * cell.num_carries, g, *params)
+    d_carry = varying_like((zeros,) * cell.num_carries, dg, *d_params)
 
+    # prevent_cse=False: inside a scan there is nothing for XLA to merge it with.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def step_jvp(carry, d_carry, t, d_gx, *d_params):
+        return jax.jvp(functools.partial(_cell_step, cell, dtype),
+                       (carry, _read_step(g, t, time_axes, reverse), *params),
+                       (d_carry, d_gx, *d_params))
 
-def _natural_recurrence_bwd(cell, dtype, time_axes, reverse, residuals, ct_hs):
-    g, params, carries = residuals
+    def step(state, xs):
+        carry, d_carry = step_jvp(*state, *xs, *d_params)
+        return (carry, d_carry), (carry[0], d_carry[0])
 
-    def step(state, t):
-        d_carry, d_params, d_g = state
-        prev = jax.tree.map(lambda c: jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], 0.0), carries)
-        _, vjp = jax.vjp(functools.partial(_cell_step, cell, dtype), prev,
-                         _read_step(g, t, time_axes, reverse), *params)
-        d_carry = (d_carry[0] + ct_hs[t],) + tuple(d_carry[1:])
-        d_prev, d_gx, *d_step = vjp(d_carry)
-        # The gradient buffer is a loop carry updated in place, one slice per step.
-        return (d_prev, jax.tree.map(jnp.add, d_params, tuple(d_step)),
-                _write_step(d_g, t, d_gx, time_axes, reverse)), None
-
-    zero_carry = jax.tree.map(lambda c: jnp.zeros_like(c[0]), carries)
-    state = varying_like((zero_carry, jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(g)),
-                         g, params, carries, ct_hs)
-    (_, d_params, d_g), _ = lax.scan(step, state, jnp.arange(ct_hs.shape[0]), reverse=True)
-    return (cotangent_like(d_g, g),
-            *(cotangent_like(d, p) for d, p in zip(d_params, params)))
-
-
-_natural_recurrence.defvjp(_natural_recurrence_fwd, _natural_recurrence_bwd)
+    _, (hs, d_hs) = lax.scan(step, (carry, d_carry),
+                             (jnp.arange(steps), _time_major(dg, time_axes, reverse)))
+    return hs, d_hs
 
 
 def run_recurrence_natural(g: Array, weights: dict[str, Array], cell: Cell,
@@ -333,10 +340,10 @@ def run_recurrence_natural(g: Array, weights: dict[str, Array], cell: Cell,
       of ``g`` (e.g. (B, W) for time along H).
 
     No transposes to time-major are materialised, which roughly halves the forward time
-    of BiRNN2D on XLA:CPU; the backward pass is a hand-built reverse ``lax.scan`` whose
-    step is the VJP of the cell step and which writes each step's gate gradients into
-    the natural layout in place (autodiff of the in-place reads would add a full-size
-    gradient buffer every step). Numerically identical to autodiff (tested).
+    of BiRNN2D on XLA:CPU. Its derivative is a custom JVP (``_natural_recurrence_jvp``)
+    that forward mode uses as it is and reverse mode transposes: autodiff of the
+    in-place reads would add a full-size gradient buffer at every step. Numerically
+    identical to autodiff in both modes (tested).
     """
     lengths = {g.shape[a] for a in time_axes}
     if len(lengths) != 1 or len(time_axes) != len(reverse) or len(reverse) != g.shape[-2]:
