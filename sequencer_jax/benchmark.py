@@ -369,6 +369,43 @@ def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int
     return results
 
 
+def benchmark_checkpoint(model, image_size: int, reps: int, directory: str) -> dict[str, Any]:
+    """Seconds to checkpoint the model's train state (params, AdamW moments, EMA) in
+    ``directory`` as the trainer does, medians over ``reps``: the save's blocking part
+    and its whole write, the restore, and the array checksums that each of the two adds
+    (``checkpoint.array_checksums``; included in the save and restore times)."""
+    from sequencer_jax.train import checkpoint  # orbax: only for this measurement
+    tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                 jnp.zeros((1, image_size, image_size, 3)))['params']
+    state = jax.block_until_ready(state_lib.create_train_state(params, tx, use_ema=True))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    times: dict[str, list[float]] = {'save_blocking_s': [], 'save_total_s': [],
+                                     'restore_s': [], 'checksums_s': []}
+    manager = checkpoint.make_manager(directory, 1, None)
+    try:
+        for step in range(reps + 1):  # the first of each compiles the checksums
+            start = time.perf_counter()
+            checkpoint.save(manager, step, state, {'step': step})
+            blocking = time.perf_counter() - start
+            checkpoint.wait(manager)
+            total = time.perf_counter() - start
+            start = time.perf_counter()
+            jax.block_until_ready(checkpoint.restore_latest(manager, abstract))
+            restore = time.perf_counter() - start
+            start = time.perf_counter()
+            checkpoint.array_checksums(state)
+            checksums = time.perf_counter() - start
+            if step:
+                for key, value in zip(times, (blocking, total, restore, checksums)):
+                    times[key].append(value)
+    finally:
+        checkpoint.close(manager)
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return {'state_mib': size / 2**20} | {k: statistics.median(v) for k, v in times.items()}
+
+
 def _print_table(name: str, ours: dict, timm_results: dict | None) -> None:
     rows = [('forward', 'forward'), ('train step', 'train')]
     print(f'\n{name}: images/s (median [min, max]), compile time, XLA memory estimate')
@@ -515,6 +552,9 @@ _COMPARE_TIMM = flags.DEFINE_bool('compare_timm', False,
                                   'also measure timm (needs torch and timm installed)')
 _THREADS = flags.DEFINE_integer('threads', None, 'torch intra-op threads (default: all '
                                 'cores, as XLA uses)', lower_bound=1)
+_CHECKPOINT_DIR = flags.DEFINE_string(
+    'checkpoint_dir', None, "also time checkpoints of the model's train state written there "
+    '(the save, the restore, and what the array checksums add to each)')
 _GRAD_ACCUM_STEPS = flags.DEFINE_integer(
     'grad_accum_steps', 1, 'the train step sums its gradient over this many micro-batches '
     '(config.grad_accum_steps); must divide --batch_size', lower_bound=1)
@@ -537,7 +577,7 @@ def _arguments() -> types.SimpleNamespace:
         target=_TARGET.value, gemm=_GEMM.value, peak_tflops=_PEAK_TFLOPS.value,
         compare_timm=_COMPARE_TIMM.value, threads=_THREADS.value,
         grad_accum_steps=_GRAD_ACCUM_STEPS.value, model_args=cli.MODEL_ARGS.value,
-        output_json=cli.OUTPUT_JSON.value)
+        output_json=cli.OUTPUT_JSON.value, checkpoint_dir=_CHECKPOINT_DIR.value)
     if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
         raise UserError(f'--peak_tflops={args.peak_tflops} must be a positive number.')
     if args.target and (args.compare_timm or args.gemm):
@@ -619,6 +659,13 @@ def main(argv) -> dict[str, Any]:
                                       benchmark_gemm(shapes, args.dtype, args.reps, 'torch')):
                 row.update(torch_row)
         _print_gemm(results['gemm'])
+    if args.checkpoint_dir:
+        results['checkpoint'] = benchmark_checkpoint(model, args.image_size, args.reps,
+                                                     args.checkpoint_dir)
+        c = results['checkpoint']
+        print(f"checkpoint of {c['state_mib']:,.0f} MiB: save {c['save_blocking_s']:.2f} s "
+              f"blocking, {c['save_total_s']:.2f} s written; restore {c['restore_s']:.2f} s; "
+              f"checksums {c['checksums_s']:.2f} s of each", flush=True)
     if output_json:
         storage.write_json(output_json, results)
     return results

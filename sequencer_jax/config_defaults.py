@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.requires_init_from = False  # True: training refuses to start without init_from
     config.reinit_head = False  # True: a fresh head even where init_from's head fits
     config.progress = 'auto'  # 'bar' on a terminal, else 'lines'; or force one
+    # No train step and no eval batch for this long (seconds) is taken for a hang: the run
+    # stops with a message and every thread's stack in WORKDIR/hang-process<i>.txt.
+    # None: never. Count the first step's compile in.
+    config.hang_timeout_s = ml_collections.FieldReference(1800.0, field_type=float)
     # A JAX profiler trace of the num_steps steps after start_step (None: none) in
     # WORKDIR/tensorboard, for TensorBoard's Profile tab or ui.perfetto.dev; python_tracer
     # adds every Python call (host overhead, input pipeline) to a 20-40x larger trace.
@@ -171,6 +175,7 @@ _RANGES = (
     ('eval_every_steps', lambda v: v >= 1, 'at least 1'),
     ('checkpoint_every_steps', lambda v: v >= 1, 'at least 1'),
     ('keep_checkpoints', lambda v: v >= 1, 'at least 1'),
+    ('hang_timeout_s', lambda v: v > 0, 'positive (or None: never)'),
     ('profile.start_step', lambda v: v >= 0, 'non-negative (or None: no profile)'),
     ('profile.num_steps', lambda v: v >= 1, 'at least 1'),
 )

@@ -8,11 +8,15 @@ Rerunning the same command resumes from the newest checkpoint in the workdir; so
 ``--workdir`` alone (the run's saved config, ``configs/workdir.py``). On TPU
 pods and SLURM clusters ``jax.distributed`` is initialised automatically; elsewhere pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` to every process.
+
+Exit status: 0 when the run finished, 1 after an error (its message is the last line),
+75 when SIGTERM or Ctrl-C stopped it after saving a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 
@@ -26,6 +30,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processe
                                       lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process',
                                    lower_bound=0)
+_FORCE_TAKEOVER = flags.DEFINE_bool(
+    'force_takeover', False, "train in a workdir that another live run holds (its lease "
+    "names it): that run stops without saving. Not saved with the run's config")
 flags.declare_key_flag('config')
 
 
@@ -60,7 +67,11 @@ def main(argv) -> None:
     config = cli.config_or_saved(_WORKDIR, 'the config of a new run, e.g. '
                                  '--config=configs/default.py')
     from sequencer_jax.train import loop  # TensorFlow and orbax: after the flags
-    loop.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        loop.train_and_evaluate(config, _WORKDIR.value, force_takeover=_FORCE_TAKEOVER.value)
+    except loop.Interrupted as stop:
+        print(stop, flush=True)
+        sys.exit(loop.EXIT_INTERRUPTED)
 
 
 if __name__ == '__main__':

@@ -214,3 +214,16 @@ def test_help_lists_the_tools_flags_and_exits_0(module, listed):
         assert re.search(rf'^\s+--(\[no\])?{flag[2:]}:', result.stdout, re.M), (flag, result.stdout)
     if module == 'main':  # only the flags the tool uses
         assert '--batch_size' not in result.stdout and '--model:' not in result.stdout
+
+
+def test_benchmark_times_a_checkpoint_and_what_its_checksums_add(tmp_path, capsys):
+    results = run_cli(benchmark.main, '--model=sequencer2d_s', '--batch_size=1',
+                      '--image_size=28', '--num_classes=5', '--reps=2', '--warmup=0',
+                      f'--model_args={TINY_ARGS}', '--forward_only',
+                      f'--checkpoint_dir={tmp_path / "ckpt"}')
+    timed = results['checkpoint']
+    assert 0 < timed['save_blocking_s'] <= timed['save_total_s']
+    assert 0 < timed['checksums_s'] and 0 < timed['restore_s']
+    assert 0 < timed['state_mib'] < 1  # params, two AdamW moments and EMA of a tiny model
+    assert 'checkpoint of 0 MiB: save' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / 'ckpt' / 'checkpoints')) == ['2']  # keeps the last

@@ -3,7 +3,9 @@
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -100,3 +102,50 @@ def test_device_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
     assert tpu_runs.count('sequencer_jax.benchmark') == 5 and '--compare_timm' not in tpu_runs
     missing = _dry_run('device_benchmark.sh', {})
     assert missing.returncode == 2 and 'set OUT' in missing.stderr
+
+
+_FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for srun: a trainer that, on SIGTERM, saves and exits 75 (or exits $RC).
+trap 'echo "srun got TERM" >> "$LOG"; exit 75' TERM
+echo "srun $*" >> "$LOG"
+touch "$LOG.started"
+if [[ -n "${RC:-}" ]]; then exit "$RC"; fi
+while true; do sleep 0.1; done
+"""
+
+
+def _slurm_job(tmp_path, **env):
+    """Runs slurm.sbatch for real with a fake srun and scontrol on PATH."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'srun').write_text(_FAKE_SRUN)
+    (bin_dir / 'scontrol').write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$LOG"\n')
+    for tool in ('srun', 'scontrol'):
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / 'log'
+    full_env = {'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'LOG': str(log), 'WORKDIR': '/w',
+                'CONFIG': 'configs/default.py', 'SLURM_JOB_ID': '42', **env}
+    return subprocess.Popen(['bash', str(LAUNCH / 'slurm.sbatch')], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), log
+
+
+def test_slurm_passes_sigterm_on_and_requeues_a_run_that_stopped_after_saving(tmp_path):
+    job, log = _slurm_job(tmp_path)
+    deadline = time.monotonic() + 30
+    while not pathlib.Path(f'{log}.started').exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@300 sends before the time limit
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 75, err
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith('srun --kill-on-bad-exit=1 python -m sequencer_jax.main')
+    assert lines[1:] == ['srun got TERM', 'scontrol requeue 42']
+    assert 'requeueing job 42' in err
+
+
+@pytest.mark.parametrize('rc', [0, 1])
+def test_slurm_does_not_requeue_a_finished_or_failed_run(tmp_path, rc):
+    job, log = _slurm_job(tmp_path, RC=str(rc))
+    job.communicate(timeout=30)
+    assert job.returncode == rc
+    assert not any(line.startswith('scontrol') for line in log.read_text().splitlines())

@@ -175,11 +175,11 @@ class StopAfter(preemption.StopFlag):
         super().__init__()
         self.calls = 0
 
-    def any_process(self):
+    def any_process(self, taken_over=False):
         self.calls += 1
         if self.calls >= self.n:
             self.received = 'SIGTERM'
-        return self.received is not None
+        return super().any_process(taken_over)
 
 
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
@@ -188,7 +188,9 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
     assert {'eval/top1', 'eval/top5', 'eval_ema/top1', 'eval_ema/top5'} <= set(metrics)
     with monkeypatch.context() as patch:
         patch.setattr(preemption, 'StopFlag', StopAfter)
-        loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
+        with pytest.raises(loop.Interrupted, match=r'^Stopped \(SIGTERM\): saved step 3; '
+                           'rerun the same command to resume.$'):
+            loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
     assert sorted(losses(tmp_path / 'resumed')) == [1, 2, 3]
     loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
     assert losses(tmp_path / 'resumed') == losses(tmp_path / 'straight')
@@ -233,9 +235,11 @@ def test_sigterm_or_a_first_ctrl_c_sets_the_stop_flag(capsys):
         before = signal.getsignal(signum)
         flag = preemption.StopFlag()
         try:
-            assert not flag.any_process()
+            assert flag.any_process() is None
             os.kill(os.getpid(), signum)
-            assert flag.any_process() and flag.received == signal.Signals(signum).name
+            assert flag.any_process() == preemption.SIGNALLED
+            assert flag.received == signal.Signals(signum).name
+            assert flag.any_process(taken_over=True) == preemption.TAKEN_OVER
         finally:
             flag.restore()
         assert signal.getsignal(signum) is before
@@ -271,7 +275,10 @@ def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path
         f.write('{"step": 7, "train/lo')  # torn by a crash mid-write
     loop.train_and_evaluate(tiny_config(data_dir, steps=8), workdir)
     out = capsys.readouterr().out
-    assert 'checkpoint at step 6 is unreadable' in out and 'Resuming from step 4' in out
+    assert re.search(r'WARNING: the checkpoint at step 6 \(\S+/checkpoints/6\) is unreadable: '
+                     r'\w+: .+\. Moved aside to \S+/checkpoints_unreadable/6_\d+; falling back '
+                     r'to the previous one\.', out), out
+    assert 'Resuming from step 4' in out
     # Steps 5 and 6 were logged again after the fallback: each is in metrics.jsonl once.
     steps = [json.loads(line)['step'] for line in metrics_file.read_text().splitlines()]
     assert steps == list(range(1, 9))
@@ -350,7 +357,7 @@ def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir,
     message = (r'A checkpoint could not be written in \S+/checkpoints: \[Errno 28\] No space '
                r'left on device\. Training stopped; the newest complete checkpoint there is step '
                r'4\. Make room there \(or fix its permissions\) and rerun the same command to '
-               r'resume from it\.')
+               r"resume from it\. Orbax's log: \S+/orbax\.log\.")
     with pytest.raises(checkpoint.CheckpointSaveError, match=message):
         loop.train_and_evaluate(config, workdir)
     assert 8 < max(losses(workdir)) <= 12
@@ -432,7 +439,9 @@ def test_closing_after_a_failed_write_raises_one_explained_error():
     with pytest.raises(checkpoint.CheckpointSaveError, match=re.escape(
             'A checkpoint could not be written in /ckpt/checkpoints: RESOURCE_EXHAUSTED: Error '
             'writing local file "_sharding": No space left on device. Training stopped; the '
-            'newest complete checkpoint there is step 4.')):
+            "newest complete checkpoint there is step 4. Make room there (or fix its "
+            "permissions) and rerun the same command to resume from it. Orbax's log: "
+            '/ckpt/orbax.log.')):
         checkpoint.close(manager)
     assert manager.closed
     checkpoint.close(manager, raise_errors=False)  # another error is on its way: quiet
@@ -471,9 +480,12 @@ def test_the_cli_ends_a_run_whose_checkpoint_fails_with_its_message_last(data_di
     assert run.stderr.rstrip().splitlines()[-1] == (
         f'error: A checkpoint could not be written in {tmp_path / "w"}/checkpoints: [Errno 28] '
         'No space left on device. Training stopped; no checkpoint there is complete yet. Make '
-        'room there (or fix its permissions) and rerun the same command to start again.')
-    # Orbax logs the failure (with its traceback) before; nothing comes after, no flag help.
-    assert 'Event loop is closed' not in run.stderr and 'USAGE' not in run.stderr
+        'room there (or fix its permissions) and rerun the same command to start again. '
+        f"Orbax's log: {tmp_path / 'w' / 'orbax.log'}.")
+    # Orbax's report of the failure (its tracebacks) is in its log, not on the terminal;
+    # nothing comes after the message, no flag help.
+    assert 'Traceback' not in run.stderr and 'USAGE' not in run.stderr, run.stderr[-3000:]
+    assert 'No space left on device' in (tmp_path / 'w' / 'orbax.log').read_text()
 
 
 def test_metrics_that_cannot_be_written_are_reported_once_and_training_goes_on(

@@ -3,18 +3,25 @@ restore into an abstract sharded target (so a run can resume on another mesh).
 
 Each checkpoint holds the full TrainState (params, optimizer state, EMA, step) and a
 JSON ``meta`` item: how many examples each process has read (the data iterator's
-position), the global batch size, and the metrics of that step.
+position), the global batch size, the metrics of that step, and a checksum of every
+saved array. Orbax verifies no data on restore (its zarr3 format checks only the index
+of each shard file, crc32c; the default zarr2 nothing), so flipped bits in a data file
+restored as silently wrong moments; ``restore_latest`` compares the checksums.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import shutil
+import tempfile
 import time
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
@@ -77,6 +84,56 @@ def check_room(manager: ocp.CheckpointManager, abstract_state: Any, held: int) -
               'lower config.keep_checkpoints.', flush=True)
 
 
+def orbax_log_path(workdir: str | epath.Path) -> str:
+    """Where ``orbax_log_to_file`` writes this process's orbax log: ``<workdir>/orbax.log``
+    (``orbax-process<i>.log`` for process i > 0), a local temporary file for a bucket."""
+    index = jax.process_index()
+    name = 'orbax.log' if index == 0 else f'orbax-process{index}.log'
+    if storage.is_bucket(workdir):
+        return os.path.join(tempfile.gettempdir(), f'sequencer_jax-{os.getpid()}-{name}')
+    return str(storage.resolve(workdir) / name)
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that never reports failing to write itself (on a full disk, which is
+    when it matters, that report would be the traceback it keeps off the terminal)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        del record
+
+
+class _Divert(logging.Filter):
+    """Sends orbax's records to ``handler`` instead of the loggers' own handlers."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self._handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f'{os.sep}orbax{os.sep}' not in record.pathname:
+            return True
+        self._handler.handle(record)
+        return False
+
+
+@contextlib.contextmanager
+def orbax_log_to_file(workdir: str | epath.Path) -> Iterator[None]:
+    """Orbax's log records (it logs a failed save with its tracebacks, ~180 lines on a
+    full disk) go to ``orbax_log_path(workdir)``, not the terminal: the trainer explains
+    failures itself, in one line that names the file."""
+    handler = _QuietFileHandler(orbax_log_path(workdir), delay=True)
+    handler.setFormatter(logging.Formatter(
+        '%(asctime)s %(levelname)s %(pathname)s:%(lineno)d] %(message)s'))
+    divert = _Divert(handler)
+    absl_logger = logging.getLogger('absl')  # orbax logs through absl.logging only
+    absl_logger.addFilter(divert)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(divert)
+        handler.close()
+
+
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     """The handlers of a checkpoint's items; given up front (not only at save or
     restore), they also let a manager read the items' metadata."""
@@ -118,6 +175,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
     """Starts saving (all processes take part): returns once ``state`` is copied to host
     memory, so that training can go on (and donate it) while the files are written.
     CheckpointSaveError if the previous save failed."""
+    meta = {**meta, 'checksums': array_checksums(state)}
     with _save_errors_explained(manager):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)),
@@ -167,8 +225,64 @@ def _save_errors_explained(manager: ocp.CheckpointManager) -> Iterator[None]:
                 'fix its permissions) and rerun the same command to resume from it'
                 if latest is not None else 'no checkpoint there is complete yet. Make room '
                 'there (or fix its permissions) and rerun the same command to start again')
+        log = orbax_log_path(epath.Path(manager.directory).parent)
         raise CheckpointSaveError(f'A checkpoint could not be written in {manager.directory}: '
-                                  f'{cause}. Training stopped; {kept}.') from e
+                                  f'{cause}. Training stopped; {kept}. Orbax\'s log: {log}.'
+                                  ) from e
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32, one per element (two for 8-byte types, folded)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 8:
+        halves = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        return halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B9))
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size])
+    return bits.astype(jnp.uint32)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+    """Each element's bits mixed with its position (murmur3's finaliser), summed mod 2^32:
+    an integer sum, so the same on every mesh and sharding; a changed, swapped or shifted
+    element changes it. No reshape: sharded arrays are summed where they lie."""
+    h = _as_uint32(x)
+    for axis in range(h.ndim):
+        stride = math.prod(h.shape[axis + 1:]) & 0xFFFFFFFF
+        h = h ^ (jax.lax.broadcasted_iota(jnp.uint32, h.shape, axis)
+                 * jnp.uint32(stride) * jnp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
+
+
+def array_checksums(state: Any) -> dict[str, list]:
+    """``{'params/stem/kernel': [dtype, checksum], ...}`` of every array of ``state``
+    (computed on its devices; one pass over the state)."""
+    sums = jax.device_get(_checksums(state))
+    return {_leaf_name(path): [str(x.dtype), int(sums_leaf)]
+            for (path, x), sums_leaf in zip(jax.tree_util.tree_leaves_with_path(state),
+                                            jax.tree.leaves(sums))}
+
+
+def checksum_mismatch(state: Any, saved: dict[str, list] | None) -> str | None:
+    """The first array of a restored ``state`` whose checksum differs from the one saved
+    with it, or None. Arrays restored in another dtype than saved (a cast on restore) and
+    checkpoints written before checksums were recorded are not compared."""
+    if not saved:
+        return None
+    for name, (dtype, checksum) in array_checksums(state).items():
+        if name in saved and saved[name][0] == dtype and saved[name][1] != checksum:
+            return name
+    return None
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -232,22 +346,27 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            corrupt = checksum_mismatch(restored['state'], restored['meta'].get('checksums'))
+            cause = corrupt and f'its array {corrupt} does not match the checksum saved with it'
         except Exception as e:  # noqa: BLE001 - any failure means: try the previous one
-            logging.warning('Checkpoint at step %d could not be restored (%s: %s).',
-                            step, type(e).__name__, e)
-            print(f'WARNING: checkpoint at step {step} is unreadable ({type(e).__name__}); '
-                  'falling back to the previous one.', flush=True)
-            _move_aside(manager, step)
+            cause = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else "no message"}'
+        if cause:
+            path = epath.Path(manager.directory) / str(step)
+            moved = _move_aside(manager, step)
+            print(f'WARNING: the checkpoint at step {step} ({path}) is unreadable: {cause}. '
+                  f'Moved aside to {moved}; falling back to the previous one.', flush=True)
             continue
         return restored['state'], restored['meta']
     return None
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Moves checkpoint ``step`` to ``<workdir>/checkpoints_unreadable/<step>_<time>``."""
     directory = epath.Path(manager.directory)
-    target = directory.parent / f'{CHECKPOINT_DIR}_unreadable'
+    target = directory.parent / f'{CHECKPOINT_DIR}_unreadable' / f'{step}_{int(time.time())}'
     if jax.process_index() == 0:
-        target.mkdir(parents=True, exist_ok=True)
-        (directory / str(step)).rename(target / f'{step}_{int(time.time())}')
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (directory / str(step)).rename(target)
     multihost_utils.sync_global_devices(f'move aside checkpoint {step}')
     manager.reload()
+    return target

@@ -24,10 +24,16 @@ from sequencer_jax import config_defaults, storage, weights, xla_options
 from sequencer_jax.data import pipeline
 from sequencer_jax.errors import UserError
 from sequencer_jax.models import layout
-from sequencer_jax.train import checkpoint, mesh as mesh_lib, preemption, profiling
+from sequencer_jax.train import checkpoint, lease as lease_lib, mesh as mesh_lib
+from sequencer_jax.train import preemption, profiling
 from sequencer_jax.train import state as state_lib, steps
 from sequencer_jax.train.reporting import (TENSORBOARD_DIR, MetricWriter, Progress,
                                            StepTimer)
+
+
+# The exit status of a run stopped by a signal after saving (sysexits' EX_TEMPFAIL: try
+# again later): a scheduler tells it from a finished run (0) and an error (1).
+EXIT_INTERRUPTED = 75
 
 
 class TrainingStopped(UserError):
@@ -35,10 +41,18 @@ class TrainingStopped(UserError):
     what to change."""
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
+class Interrupted(Exception):
+    """Training stopped by SIGTERM or Ctrl-C after saving a checkpoint: rerunning the same
+    command resumes it. The CLI exits with ``EXIT_INTERRUPTED``."""
+
+
+def train_and_evaluate(config, workdir: str, devices=None,
+                       force_takeover: bool = False) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
-    final evaluation metrics. ``devices`` (default: all) are laid out as ``config.mesh``;
-    ``workdir`` is a local directory or a bucket (``gs://``)."""
+    final evaluation metrics, or raises ``Interrupted`` after a stop signal.
+    ``devices`` (default: all) are laid out as ``config.mesh``; ``workdir`` is a local
+    directory or a bucket (``gs://``), held by this run alone (``lease``; another live
+    run's is refused unless ``force_takeover``)."""
     # Set-up. Every check of the config and of init_from runs before the dataset is
     # prepared (hours for ImageNet) and before the workdir gets anything.
     config_defaults.validate(config, devices)
@@ -67,6 +81,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     shardings = mesh_lib.tree_shardings(abstract, mesh, config.param_rules)
 
     with contextlib.ExitStack() as stack:
+        # Before anything in the workdir is touched: another run may be using it.
+        lease = stack.enter_context(lease_lib.Lease(workdir, force_takeover,
+                                                    config.hang_timeout_s))
+        stack.enter_context(checkpoint.orbax_log_to_file(workdir))
         # The mesh in context: recurrence='pallas' splits its kernels over it (XLA cannot).
         stack.enter_context(jax.set_mesh(mesh))
         manager = checkpoint.make_manager(workdir, config.keep_checkpoints, config.best_metric)
@@ -125,7 +143,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                 local_eval_batch = pipeline.local_batch_size(
                     config.eval_batch_size or config.batch_size)
                 ds, n = pipeline.eval_dataset(spec, config, local_eval_batch)
-                return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} eval'), n
+                batches = pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} eval')
+                return _reporting_progress(batches, lease), n
 
             results = {f'eval/{k}': v
                        for k, v in steps.evaluate(state.params, batches, eval_step).items()}
@@ -162,6 +181,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
             with timer.waiting_for_input():
                 batch = next(train_batches)
             state, metrics = _run(train_step, state, batch, train_rng)
+            lease.progressed()
             profiler.after_step(step, state)
             window.add(metrics)
             record: dict[str, float] = {}
@@ -182,7 +202,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
             writer.write(step, record)
             progress.update(step, record)
 
-            stopping = stop.any_process()
+            stopping = stop.any_process(lease.taken_over is not None)
+            if stopping == preemption.TAKEN_OVER:
+                owner = lease.taken_over or "process 0's output names it"
+                raise TrainingStopped(f'Another run took this workdir over ({owner}). This run '
+                                      f'stops at step {step} without saving, so as not to '
+                                      'overwrite its checkpoints.')
             if _is_time(step, config.checkpoint_every_steps, total_steps) or stopping:
                 window.check_finite(step, manager, workdir)  # never save a diverged state
                 best = {k: v for k, v in record.items() if k == config.best_metric}
@@ -193,11 +218,17 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 
             if stopping and step < total_steps:
                 checkpoint.wait(manager)
-                print(f'Stopped ({stop.received or "another process"}): saved step {step}; '
-                      'rerun the same command to resume.', flush=True)
-                return final
+                raise Interrupted(f'Stopped ({stop.received or "another process"}): saved '
+                                  f'step {step}; rerun the same command to resume.')
     _print_final(final)
     return final
+
+
+def _reporting_progress(batches, lease: lease_lib.Lease):
+    """``batches``, telling ``lease`` of each: a long evaluation is not a hang."""
+    for batch in batches:
+        lease.progressed()
+        yield batch
 
 
 def _is_time(step: int, every: int, total_steps: int) -> bool:

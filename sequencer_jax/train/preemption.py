@@ -10,6 +10,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
+SIGNALLED, TAKEN_OVER = 'signalled', 'taken over'
+
+
 class StopFlag:
     """Set by SIGTERM or a first Ctrl-C (SIGINT); agreed across processes so that all of
     them save a checkpoint after the current step and stop. A second Ctrl-C interrupts at
@@ -36,12 +39,15 @@ class StopFlag:
                   file=sys.stderr, flush=True)
         self.received = self.received or signal.Signals(signum).name
 
-    def any_process(self) -> bool:
-        """Whether any process received a stop signal (a collective: all must call it)."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        mine = np.asarray(self.received is not None)
-        return bool(np.any(multihost_utils.process_allgather(mine)))
+    def any_process(self, taken_over: bool = False) -> str | None:
+        """Why every process stops after this step, agreed between them (a collective:
+        all call it): ``TAKEN_OVER`` when another run has taken the workdir (``taken_over``
+        on any process; stop without saving), ``SIGNALLED`` when any process received a
+        stop signal (save, then stop), else None."""
+        mine = 2 if taken_over else int(self.received is not None)
+        if jax.process_count() > 1:
+            mine = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        return (None, SIGNALLED, TAKEN_OVER)[mine]
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():
