@@ -13,12 +13,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sequencer_jax.train import checkpoint, lease as lease_lib, loop
-from test_train import ROOT, _cli_env, _free_port, final_params, losses, tiny_config
+from test_train import ROOT, _cli_env, _free_port, losses, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -243,7 +242,8 @@ def test_when_a_process_dies_the_other_stops_with_our_message_and_both_resume(da
     workdir = tmp_path / 'killed'
     results, since_kill = _two_processes(workdir, data_dir, steps=8, kill_step=3)
     (code, _, err), _ = results
-    bound = lease_lib.PEER_TIMEOUT_S + 2 * lease_lib.RENEW_EVERY_S
+    # Silent for PEER_TIMEOUT_S, noticed at the next check, then 2 renewals for the others.
+    bound = lease_lib.PEER_TIMEOUT_S + 3 * lease_lib.RENEW_EVERY_S
     assert code == 1 and since_kill < bound + 5, (since_kill, err[-3000:])
     assert re.search(r'error: Process 1 of 2 \(host \S+, pid \d+\) has not been heard from for '
                      r'\d+ s: it died or lost its host\. Process 0 stops too\. Rerun every '
@@ -254,6 +254,9 @@ def test_when_a_process_dies_the_other_stops_with_our_message_and_both_resume(da
     rerun, _ = _two_processes(workdir, data_dir, steps=8)
     assert [r for r, _, _ in rerun] == [0, 0], rerun[0][2][-3000:]
     assert 'Resuming from step 2' in rerun[0][1]
-    assert losses(workdir) == losses(tmp_path / 'straight')
-    jax.tree.map(np.testing.assert_array_equal, final_params(workdir),
-                 final_params(tmp_path / 'straight'))
+    # Every logged value but the timings, the final evaluation (of the final weights)
+    # included, equals the uninterrupted run's.
+    untimed = lambda w: [{k: v for k, v in r.items() if k not in (  # noqa: E731
+        'train/images_per_s', 'train/input_wait')} for r in _records(w)]
+    assert untimed(workdir) == untimed(tmp_path / 'straight')
+    assert 'eval/loss' in untimed(workdir)[-1]
