@@ -92,6 +92,7 @@ def test_meshes_give_the_same_losses_as_one_device(data_dir, tmp_path):
                                    [expected[s] for s in sorted(expected)], rtol=2e-5)
 
 
+@pytest.mark.slow  # Pallas interpreted on CPU; its arithmetic is in test_pallas_recurrence
 def test_pallas_recurrence_trains_on_a_mesh_like_the_default(data_dir, tmp_path):
     """The trainer runs under its mesh, so recurrence='pallas' splits its kernels over the
     8 devices (XLA cannot partition them); the losses equal the default path's."""
