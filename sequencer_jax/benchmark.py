@@ -379,8 +379,7 @@ def benchmark_checkpoint(model, image_size: int, reps: int, directory: str) -> d
     params = jax.jit(model.init)(jax.random.PRNGKey(0),
                                  jnp.zeros((1, image_size, image_size, 3)))['params']
     state = jax.block_until_ready(state_lib.create_train_state(params, tx, use_ema=True))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
+    abstract = checkpoint.abstract_like(state, jax.tree.map(lambda x: x.sharding, state))
     times: dict[str, list[float]] = {'save_blocking_s': [], 'save_total_s': [],
                                      'restore_s': [], 'checksums_s': []}
     manager = checkpoint.make_manager(directory, 1, None)

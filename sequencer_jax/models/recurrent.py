@@ -258,20 +258,23 @@ def _read_step(g: Array, t: Array, time_axes: Sequence[int], reverse: Sequence[b
     return jnp.stack(parts)
 
 
-def _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
-    """The primal recurrence: every step's carry, stacked [T, ...]."""
-    k = g.shape[-2]
+def _zero_carry(cell: Cell, g: Array, time_axes: Sequence[int], hidden: int, *refs):
+    """The initial carry of every recurrence of gates ``g``: zeros [K, N, D], varying
+    (inside ``shard_map``) as ``refs`` do."""
     n = math.prod(g.shape[:-2]) // g.shape[time_axes[0]]
-    zeros = jnp.zeros((k, n, w_hh.shape[1]), jnp.float32)
-    carry = varying_like((zeros,) * cell.num_carries, g, w_hh, b_ih, b_hh)
+    zeros = jnp.zeros((g.shape[-2], n, hidden), jnp.float32)
+    return varying_like((zeros,) * cell.num_carries, *refs)
 
+
+def _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
+    """The primal recurrence: every step's hidden state, stacked [T, K, N, D]."""
     def step(carry, t):
         carry = _cell_step(cell, dtype, carry, _read_step(g, t, time_axes, reverse), w_hh,
                            b_ih, b_hh)
-        return carry, carry
+        return carry, carry[0]
 
-    _, carries = lax.scan(step, carry, jnp.arange(g.shape[time_axes[0]]))
-    return carries
+    carry = _zero_carry(cell, g, time_axes, w_hh.shape[1], g, w_hh, b_ih, b_hh)
+    return lax.scan(step, carry, jnp.arange(g.shape[time_axes[0]]))[1]
 
 
 def _time_major(g: Array, time_axes: Sequence[int], reverse: Sequence[bool]) -> Array:
@@ -289,23 +292,22 @@ def _time_major(g: Array, time_axes: Sequence[int], reverse: Sequence[bool]) -> 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _natural_recurrence(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh):
-    return _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh)[0]
+    return _natural_forward(cell, dtype, time_axes, reverse, g, w_hh, b_ih, b_hh)
 
 
 @_natural_recurrence.defjvp
 def _natural_recurrence_jvp(cell, dtype, time_axes, reverse, primals, tangents):
     """One scan carrying the primal and the tangent carries. Reverse mode linearises it
-    and transposes the tangent half: the known half is ``_natural_forward`` (gates read in
-    place, every step's carry kept), the transposed half a reverse scan that recomputes
-    each step from its carry (the step is rematerialised) and emits the step's gate
-    gradients as scan outputs, laid back out by the transpose of ``_time_major``."""
+    and transposes the tangent half: the known half is the primal recurrence (gates read
+    in place, every step's carry kept for the other half), the transposed half a reverse
+    scan that recomputes each step from its carry (the step is rematerialised) and emits
+    the step's gate gradients as scan outputs, laid back out by the transpose of
+    ``_time_major``."""
     g, *params = primals
     dg, *d_params = tangents
-    k, steps = g.shape[-2], g.shape[time_axes[0]]
-    n = math.prod(g.shape[:-2]) // steps
-    zeros = jnp.zeros((k, n, params[0].shape[1]), jnp.float32)
-    carry = varying_like((zeros,) * cell.num_carries, g, *params)
-    d_carry = varying_like((zeros,) * cell.num_carries, dg, *d_params)
+    hidden = params[0].shape[1]
+    carry = _zero_carry(cell, g, time_axes, hidden, g, *params)
+    d_carry = _zero_carry(cell, g, time_axes, hidden, dg, *d_params)
 
     # prevent_cse=False: inside a scan there is nothing for XLA to merge it with.
     @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -318,8 +320,9 @@ def _natural_recurrence_jvp(cell, dtype, time_axes, reverse, primals, tangents):
         carry, d_carry = step_jvp(*state, *xs, *d_params)
         return (carry, d_carry), (carry[0], d_carry[0])
 
+    steps = jnp.arange(g.shape[time_axes[0]])
     _, (hs, d_hs) = lax.scan(step, (carry, d_carry),
-                             (jnp.arange(steps), _time_major(dg, time_axes, reverse)))
+                             (steps, _time_major(dg, time_axes, reverse)))
     return hs, d_hs
 
 

@@ -4,9 +4,9 @@ restore into an abstract sharded target (so a run can resume on another mesh).
 Each checkpoint holds the full TrainState (params, optimizer state, EMA, step) and a
 JSON ``meta`` item: how many examples each process has read (the data iterator's
 position), the global batch size, the metrics of that step, and a checksum of every
-saved array. Orbax verifies no data on restore (its zarr3 format checks only the index
-of each shard file, crc32c; the default zarr2 nothing), so flipped bits in a data file
-restored as silently wrong moments; ``restore_latest`` compares the checksums.
+saved array. Orbax does not verify the data of large arrays on restore (tensorstore's
+OCDBT checksums its B-tree nodes, not the data files they point to), so flipped bits
+there restored as silently wrong moments; ``restore_latest`` compares the checksums.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def shape_difference(saved: Any, expected: Any) -> tuple[str, Any, Any] | None:
     ShapeDtypeStructs or orbax's array metadata) differ in presence or shape, as
     (path, saved shape, expected shape) with 'missing' for an absent leaf; None when
     they agree."""
-    shapes = [{jax.tree_util.keystr(path, simple=True, separator='/'): tuple(x.shape)
+    shapes = [{_leaf_name(path): tuple(x.shape)
                for path, x in jax.tree_util.tree_leaves_with_path(tree)}
               for tree in (saved, expected)]
     if shapes[0] == shapes[1]:
