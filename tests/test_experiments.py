@@ -45,6 +45,7 @@ def _run(args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # 270 s: three CLI runs, each compiling four sizes
 def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     args = ['sequencer_jax.evaluate', '--config=configs/default.py', f'--checkpoint={trained}',
             f'--config.dataset.data_dir={data_dir}',

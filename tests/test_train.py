@@ -613,8 +613,8 @@ def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(data_dir, tmp
     loop.train_and_evaluate(config, str(tmp_path / 'fast'))
     next_batch = pipeline.GlobalBatches.__next__
 
-    def slow_input(self):
-        time.sleep(0.5)
+    def slow_input(self):  # long beside a step's compute, however loaded the machine
+        time.sleep(2.0)
         return next_batch(self)
 
     monkeypatch.setattr(pipeline.GlobalBatches, '__next__', slow_input)
