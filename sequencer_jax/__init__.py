@@ -4,12 +4,13 @@ import importlib
 
 from sequencer_jax import xla_options
 from sequencer_jax.models import (BiRNN1D, BiRNN2D, Sequencer, Sequencer1D, Sequencer2D,
-                                  SequencerBlock, create_model, list_models)
+                                  SequencerBlock, SequencerUperNet, create_model, list_models)
 
 __version__ = '0.1.0'
 
 __all__ = ['BiRNN1D', 'BiRNN2D', 'Sequencer', 'Sequencer1D', 'Sequencer2D', 'SequencerBlock',
-           'convert', 'create_model', 'list_models', 'load_pretrained', 'xla_options']
+           'SequencerUperNet', 'convert', 'create_model', 'list_models', 'load_pretrained',
+           'xla_options']
 
 
 def __getattr__(name: str):

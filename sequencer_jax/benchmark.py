@@ -29,7 +29,6 @@ Mosaic.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import platform
@@ -287,8 +286,8 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
         state, key = _placed(jax.eval_shape(
             lambda p: (state_lib.create_train_state(p, tx), jax.random.PRNGKey(1)), params),
             device)
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                     mix=dict(MIXING), accum_steps=accum_steps),
+    step = jax.jit(steps.classification_train_step(model=model, tx=tx, mix=dict(MIXING),
+                                                   accum_steps=accum_steps),
                    donate_argnums=0, compiler_options=options)
     batch = {'image': images, 'label': labels}
     start = time.perf_counter()

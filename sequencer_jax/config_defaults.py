@@ -21,6 +21,7 @@ from sequencer_jax.train import mesh as mesh_lib
 SAVED_CONFIG_FILE = 'config.json'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # config.compute_dtype
 PROGRESS_MODES = ('auto', 'bar', 'lines')  # config.progress
+SCHEDULES = ('cosine', 'poly')  # config.optimizer.schedule
 
 # Fields of Sequencer that are not options of a config's model: the class count comes
 # from model.num_classes or the dataset, the dtypes from compute_dtype.
@@ -80,6 +81,35 @@ def augment_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
+def segmentation_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.segmentation``: what ``config.task='segmentation'`` reads (mmsegmentation's
+    ADE20K recipe as defaults; the crop is ``config.image_size``)."""
+    config = ml_collections.ConfigDict(dict(
+        reduce_zero_label=False,  # True: label 0 is ignored, the others shift down (ADE20K)
+        ignore_label=255,  # mask value that no loss or metric counts
+        # Train: rescale (long, short) sides to scale x ratio (aspect kept), random crop in
+        # which no class covers cat_max_ratio or more, flip, photometric distortion.
+        scale=(2048, 512),
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        flip=True,
+        photometric=True,
+        # Eval: rescaled to eval_scale (None: as they are) and padded to eval_canvas (H, W;
+        # None: image_size square), predicted 'whole' or 'slide' (image_size windows every
+        # slide_stride pixels), with eval_flip the mirrored images' logits averaged in.
+        eval_scale=ml_collections.FieldReference(None, field_type=tuple),
+        eval_canvas=ml_collections.FieldReference(None, field_type=tuple),
+        inference='whole',
+        slide_stride=(341, 341),
+        eval_flip=False,
+        channels=512,  # UperNet's width
+        aux_channels=ml_collections.FieldReference(256, field_type=int),  # None: no aux head
+        aux_weight=0.4,  # the auxiliary FCN head's share of the loss
+    ))
+    config.update(overrides)
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key the training CLI reads, with the paper's ImageNet recipe as defaults.
 
@@ -87,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     are errors (the returned dict is locked by the caller's ``config.lock()``).
     """
     config = ml_collections.ConfigDict()
+    config.task = 'classification'  # or 'segmentation' (reads config.segmentation)
     config.seed = 0  # the one root of every random key and of the data order
     config.model = ml_collections.ConfigDict(dict(
         name='sequencer2d_s',  # a registered variant (sequencer_jax.list_models())
@@ -95,8 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     config.compute_dtype = 'float32'  # 'bfloat16' on TPU/GPU; params stay float32
     config.dataset = dataset_config('imagenet2012')
-    config.augment = augment_config()
-    config.image_size = 224  # train images' side in pixels
+    config.augment = augment_config()  # classification's
+    config.segmentation = segmentation_config()
+    config.image_size = 224  # train images' (segmentation: crops') side in pixels
     config.eval_image_size = ml_collections.FieldReference(None, field_type=int)  # None: same
     config.crop_pct = 0.875  # eval: shorter side resized to size / crop_pct, centre crop
     config.batch_size = 1024  # global
@@ -108,9 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         base_lr=2e-3,             # at reference_batch_size, scaled linearly
         reference_batch_size=2048,
-        warmup_epochs=20,         # linear from warmup_lr to the peak, then cosine
+        schedule='cosine',        # after the warmup: 'cosine' or 'poly' (segmentation)
+        power=1.0,                # the 'poly' schedule's exponent
+        warmup_epochs=20,         # linear from warmup_lr to the peak, then the schedule
+        warmup_steps=ml_collections.FieldReference(None, field_type=int),  # overrides epochs
         warmup_lr=1e-6,
-        min_lr=1e-6,              # the cosine's floor
+        min_lr=1e-6,              # the schedule's floor
         weight_decay=0.05,        # not applied to biases, norms, position embeddings
         b1=0.9,                   # AdamW's moments
         b2=0.999,
@@ -129,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 5000  # the whole eval split (and with EMA, its weights too)
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3  # the newest ones, besides the best by best_metric
-    config.best_metric = 'eval/top1'  # one of BEST_METRICS, or None: only the newest
+    config.best_metric = 'eval/top1'  # see best_metrics(task), or None: only the newest
     config.init_from = ml_collections.FieldReference(None, field_type=str)  # fine-tuning
     config.requires_init_from = False  # True: training refuses to start without init_from
     config.reinit_head = False  # True: a fresh head even where init_from's head fits
@@ -163,6 +198,8 @@ _RANGES = (
     ('optimizer.base_lr', lambda v: v >= 0, 'non-negative'),
     ('optimizer.reference_batch_size', lambda v: v >= 1, 'at least 1'),
     ('optimizer.warmup_epochs', lambda v: v >= 0, 'non-negative'),
+    ('optimizer.warmup_steps', lambda v: v >= 0, 'non-negative (or None: warmup_epochs)'),
+    ('optimizer.power', lambda v: v > 0, 'positive'),
     ('optimizer.warmup_lr', lambda v: v >= 0, 'non-negative'),
     ('optimizer.min_lr', lambda v: v >= 0, 'non-negative'),
     ('optimizer.weight_decay', lambda v: v >= 0, 'non-negative'),
@@ -181,9 +218,15 @@ _RANGES = (
 )
 
 
-# Metrics that choose the best checkpoint to keep (highest accuracy, lowest loss).
-BEST_METRICS = tuple(f'{prefix}/{name}' for prefix in ('eval', 'eval_ema')
-                     for name in ('top1', 'top5', 'loss'))
+# Metrics of each task; each chooses the best checkpoint (highest, lowest for a loss).
+TASK_METRICS = {'classification': ('top1', 'top5', 'loss'),
+                'segmentation': ('miou', 'macc', 'aacc', 'loss')}
+
+
+def best_metrics(task: str) -> tuple[str, ...]:
+    """The values ``config.best_metric`` may take for ``task``."""
+    return tuple(f'{prefix}/{name}' for prefix in ('eval', 'eval_ema')
+                 for name in TASK_METRICS.get(task, ()))
 
 
 def validate(config: ml_collections.ConfigDict, devices=None, training: bool = True) -> None:
@@ -200,6 +243,13 @@ def validate(config: ml_collections.ConfigDict, devices=None, training: bool = T
             value = value.get(part) if value is not None else None
         if value is not None and not valid(value):
             problems.append(f'config.{key}={value!r} must be {requirement}')
+    if config.optimizer.schedule not in SCHEDULES:
+        problems.append(f'config.optimizer.schedule must be one of {list(SCHEDULES)}, got '
+                        f'{config.optimizer.schedule!r}')
+    if config.task not in TASK_METRICS:
+        problems.append(f'config.task must be one of {list(TASK_METRICS)}, got {config.task!r}')
+    elif config.task == 'segmentation':
+        problems += _segmentation_problems(config)
     if config.compute_dtype not in DTYPES:
         problems.append(f'config.compute_dtype must be one of {sorted(DTYPES)}, got '
                         f'{config.compute_dtype!r}')
@@ -246,6 +296,23 @@ def _model_problems(config: ml_collections.ConfigDict) -> list[str]:
             for p in _caught(lambda size=size: model.check_input_shape((1, size, size, 3)))]
 
 
+def _segmentation_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """What segmentation needs: a class count, a known inference mode, sizes in pairs."""
+    seg = config.segmentation
+    problems = []
+    if not config.model.num_classes:
+        problems.append('config.model.num_classes must be set for segmentation (a mask does '
+                        'not say how many classes it has), e.g. 150 for ADE20K')
+    if seg.inference not in ('whole', 'slide'):
+        problems.append("config.segmentation.inference must be 'whole' or 'slide', got "
+                        f'{seg.inference!r}')
+    for key in ('scale', 'eval_scale', 'eval_canvas', 'slide_stride', 'ratio_range'):
+        value = seg[key]
+        if value is not None and (len(value) != 2 or min(value) <= 0):
+            problems.append(f'config.segmentation.{key}={value!r} must be two positive numbers')
+    return problems
+
+
 def _batch_problems(config: ml_collections.ConfigDict, mesh, training: bool) -> list[str]:
     """Batch sizes that do not split over the processes and the mesh's batch shards, and
     micro-batches that do not split each device's share."""
@@ -275,9 +342,10 @@ def _training_problems(config: ml_collections.ConfigDict) -> list[str]:
     fine-tunes, init_from."""
     problems = []
     best = config.get('best_metric')
-    if best is not None and best not in BEST_METRICS:
-        problems.append(f'config.best_metric={best!r} must be one of {list(BEST_METRICS)} '
-                        '(or None: keep only the newest checkpoints)')
+    if best is not None and best not in best_metrics(config.task):
+        problems.append(f'config.best_metric={best!r} must be one of '
+                        f'{list(best_metrics(config.task))} (or None: keep only the newest '
+                        'checkpoints)')
     elif best and best.startswith('eval_ema/') and not config.get('ema_decay'):
         problems.append(f'config.best_metric={best!r} needs EMA weights: set '
                         'config.ema_decay (e.g. 0.9999) or choose an eval/ metric')

@@ -17,6 +17,10 @@ Reproducing timm's published top-1 of sequencer2d_s (82.34), with ImageNet's two
 
     python -m sequencer_jax.evaluate --config=configs/imagenet.py \
         --checkpoint=hf-hub:timm/sequencer2d_s.in1k
+
+A segmentation run (``config.task='segmentation'``) reports mIoU, mAcc, aAcc and loss over
+the split, inferred as ``config.segmentation`` says (``--config.segmentation.inference=
+slide``, ``--config.segmentation.eval_flip=true``, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from sequencer_jax import cli, config_defaults, storage, weights, xla_options
 from sequencer_jax.data import pipeline
 from sequencer_jax.errors import UserError
 from sequencer_jax.experiments import resolution
-from sequencer_jax.train import mesh as mesh_lib, steps
+from sequencer_jax.train import mesh as mesh_lib, steps, tasks
 
 _RESOLUTIONS = flags.DEFINE_list('resolutions', None,
                                  'comma-separated image sizes (default: the config\'s)')
@@ -105,6 +109,33 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     return rows
 
 
+def evaluate_segmentation(config, checkpoint_dir: str, split: str | None = None,
+                          use_ema: bool = False) -> dict:
+    """``{'miou', 'macc', 'aacc', 'loss', 'examples'}`` of a segmentation checkpoint over
+    ``split`` (default: the config's eval split), every labelled pixel counted once."""
+    config_defaults.validate(config, training=False)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    task = tasks.Segmentation(config)
+    model, params, spec = task.load(checkpoint_dir, use_ema)
+    split = split or spec.eval_split
+    examples = pipeline.split_examples(spec.builder, split, 'Give --split one of them.')
+    param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
+    params = jax.device_put(params, param_shardings)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    eval_step = jax.jit(task.eval_step(model), in_shardings=(param_shardings, batch_sharding),
+                        out_shardings=mesh_lib.replicated(mesh),
+                        compiler_options=xla_options.compiler_options())
+    local_batch = pipeline.local_batch_size(config.eval_batch_size or config.batch_size)
+
+    def batches():
+        ds, n = task.eval_dataset(spec, local_batch, split)
+        return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
+
+    with jax.set_mesh(mesh):
+        result = steps.evaluate(params, batches, eval_step, task.summarise)
+    return {**result, 'examples': examples}
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f'{"resolution":>10} {"top-1":>8} {"top-5":>8} {"loss":>8} {"examples":>9}']
     for r in rows:
@@ -126,6 +157,17 @@ def main(argv) -> None:
         compared = [resolution.load_rows(p) for p in _COMPARE.value]
     except (UserError, OSError) as e:
         raise UserError(f'--compare: {e}') from None
+    if config.task == 'segmentation':
+        if _RESOLUTIONS.value or _CROP_PCT.value or _PLOT.value:
+            raise UserError('--resolutions, --crop_pct and --plot are for classification; a '
+                            'segmentation run is evaluated as config.segmentation says.')
+        row = evaluate_segmentation(config, cli.CHECKPOINT.value, _SPLIT.value, cli.EMA.value)
+        if jax.process_index() == 0:
+            print('  '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                            for k, v in row.items()))
+            if output_json:
+                storage.write_json(output_json, {'checkpoint': cli.CHECKPOINT.value, **row})
+        return
     preprocessing = weights.preprocessing(cli.CHECKPOINT.value)
     resolutions = [preprocessing['input_size'][-1] if preprocessing
                    else config.eval_image_size or config.image_size]

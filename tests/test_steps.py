@@ -1,6 +1,5 @@
 """train_step / eval_step on a tiny model: the loss goes down, masks count once."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,7 @@ def _train(mix, steps_count=30):
     params = model.init(jax.random.PRNGKey(0), images)['params']
     tx = optax.adamw(3e-3, weight_decay=0.05, mask=state_lib.weight_decay_mask(params))
     state = state_lib.create_train_state(params, tx, use_ema=True)
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.9,
-                                     mix=mix))
+    step = jax.jit(steps.classification_train_step(model=model, tx=tx, ema_decay=0.9, mix=mix))
     losses = []
     for _ in range(steps_count):
         state, metrics = step(state, {'image': images, 'label': labels}, jax.random.PRNGKey(1))
@@ -68,8 +66,8 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
         mesh, jax.sharding.PartitionSpec('data')))
     results = []
     for accum_steps, inputs in ((1, batch), (2, sharded), (4, sharded)):
-        step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.9,
-                                         mix=mix, accum_steps=accum_steps))
+        step = jax.jit(steps.classification_train_step(model=model, tx=tx, ema_decay=0.9,
+                                                       mix=mix, accum_steps=accum_steps))
         results.append(step(state, inputs, jax.random.PRNGKey(1)))
     (whole, whole_metrics), *accumulated = results
     for new_state, metrics in accumulated:

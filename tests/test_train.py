@@ -54,6 +54,11 @@ def tiny_config(data_dir, steps=4, **overrides):
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 2
     config.progress = 'lines'
+    return locked_with(config, overrides)
+
+
+def locked_with(config, overrides):
+    """``config`` with ``overrides`` (dotted keys) set, then locked."""
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split('.')
@@ -558,6 +563,7 @@ def _traced_train_steps(logdir):
     return counts, python_calls
 
 
+@pytest.mark.slow  # 170 s: three runs, two traced
 def test_a_profile_traces_the_chosen_steps_and_never_stops_training(data_dir, tmp_path,
                                                                     capsys, monkeypatch):
     workdir = tmp_path / 'w'
@@ -803,6 +809,7 @@ def test_a_missing_train_split_stops_before_the_workdir_gets_anything(data_dir, 
     assert list(workdir.iterdir()) == []  # no checkpoints/, config.json or logs
 
 
+@pytest.mark.slow  # 240 s: six CLI processes
 def test_mini_imagenet_trains_and_evaluates_through_the_clis(tmp_path):
     mini_imagenet.write_mini_imagenet(str(tmp_path / 'tfds' / 'downloads' / 'manual'),
                                       per_class=6)

@@ -15,7 +15,8 @@ import difflib
 import errno
 import math
 import os
-from typing import Any, Iterator
+import re
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -76,7 +77,7 @@ def _check_manual_files(config) -> None:
             f'downloads/manual/ holds them.')
 
 
-def _check_key(builder, key: str, what: str) -> None:
+def check_key(builder, key: str, what: str) -> None:
     features = builder.info.features
     if key not in features:
         raise UserError(f'{builder.name} has no feature {key!r} for the {what}; its '
@@ -183,8 +184,8 @@ def _out_of_space(error: BaseException) -> bool:
 def dataset_spec(config) -> DatasetSpec:
     """Opens (and if needed prepares) ``config.dataset`` and validates its keys."""
     builder = load_builder(config)
-    _check_key(builder, config.image_key, 'image')
-    _check_key(builder, config.label_key, 'label')
+    check_key(builder, config.image_key, 'image')
+    check_key(builder, config.label_key, 'label')
     splits = builder.info.splits
     eval_split = config.eval_split or next(
         (s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
@@ -230,10 +231,14 @@ def _decode(example, spec: DatasetSpec):
     return image, tf.cast(label, tf.int32)
 
 
-def _read(spec: DatasetSpec, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
+def read(spec: DatasetSpec, split: str, shuffle_files: bool = False) -> tf.data.Dataset:
+    features = spec.builder.info.features
+    # Images (and segmentation masks) stay encoded: decoded in the parallel map.
+    raw = [k for k in (spec.image_key, spec.label_key)
+           if isinstance(features[k], tfds.features.Image)]
     return spec.builder.as_dataset(
         split=split, shuffle_files=shuffle_files,
-        decoders={spec.image_key: tfds.decode.SkipDecoding()},
+        decoders={k: tfds.decode.SkipDecoding() for k in raw},
         read_config=tfds.ReadConfig(try_autocache=False))
 
 
@@ -268,13 +273,15 @@ def check_train_split(spec: DatasetSpec) -> None:
 
 
 def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: int = 0,
-                  process_index: int | None = None, process_count: int | None = None
+                  process_index: int | None = None, process_count: int | None = None,
+                  preprocess: Callable[[dict, tf.Tensor], dict] | None = None
                   ) -> tf.data.Dataset:
     """This process's infinite stream of augmented train batches (numpy dicts).
 
-    ``image [local_batch, S, S, 3]`` float32 and integer ``label [local_batch]``.
-    ``start_example`` skips that many examples of this process's stream (for resume);
-    the epochs before it are not read again.
+    ``preprocess(example, seed)`` turns one raw example and its ``[2]`` int32 seed into
+    the arrays of a batch; the default (classification): ``image [S, S, 3]`` float32 and
+    integer ``label``. ``start_example`` skips that many examples of this process's
+    stream (for resume); the epochs before it are not read again.
     """
     check_train_split(spec)
     process_index = jax.process_index() if process_index is None else process_index
@@ -283,7 +290,7 @@ def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: in
                              drop_remainder=True)[process_index]
     examples_per_epoch = spec.num_train_examples // process_count
     seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
-    base = _read(spec, split)
+    base = read(spec, split)
     dcfg = config.dataset
 
     def epoch(e):
@@ -295,15 +302,17 @@ def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: in
     first_epoch, offset = divmod(start_example, examples_per_epoch)
     ds = tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch).skip(offset)
 
-    def preprocess(index, example):
+    def classify(example, example_seed):
         image, label = _decode(example, spec)
-        example_seed = tf.stack([tf.cast(seed % 2**31, tf.int64), index])
-        example_seed = tf.cast(example_seed % 2**31, tf.int32)
         image = transforms.train_transform(image, example_seed, config.image_size,
                                            config.augment)
         return {'image': image, 'label': label}
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    def seeded(index, example):
+        example_seed = tf.stack([tf.cast(seed % 2**31, tf.int64), index])
+        return (preprocess or classify)(example, tf.cast(example_seed % 2**31, tf.int32))
+
+    ds = ds.map(seeded, num_parallel_calls=tf.data.AUTOTUNE)
     if dcfg.skip_corrupt:
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(local_batch, drop_remainder=True)
@@ -314,22 +323,14 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
                  crop_pct: float | None = None, split: str | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  preprocessing: dict | None = None) -> tuple[tf.data.Dataset, int]:
-    """This process's padded eval batches and how many there are (same on every process).
+    """This process's padded classification eval batches and how many there are (see
+    ``padded_eval_batches``): ``image``, ``label`` and ``mask``.
 
-    Batches hold ``image``, ``label`` and ``mask`` (1 for real examples, 0 for padding), so
-    that metrics summed over ``mask`` count every example of the split exactly once.
     ``preprocessing``: the ``mean``, ``std`` (of [0, 1] images) and ``interpolation`` the
     weights want (``weights.preprocessing``); None: ImageNet's and bicubic.
     """
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    split = split or spec.eval_split
     image_size = image_size or config.eval_image_size or config.image_size
     crop_pct = config.crop_pct if crop_pct is None else crop_pct
-    total = num_examples(spec.builder.info.splits, split)
-    per_process_max = math.ceil(total / process_count)
-    num_batches = math.ceil(per_process_max / local_batch)
-    shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
     normalisation = {}
     if preprocessing:
         normalisation = dict(mean=tuple(255 * m for m in preprocessing['mean']),
@@ -339,14 +340,33 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
     def preprocess(example):
         image, label = _decode(example, spec)
         return {'image': transforms.eval_transform(image, image_size, crop_pct, **normalisation),
-                'label': label, 'mask': tf.constant(1, tf.int32)}
+                'label': label}
 
-    ds = _read(spec, shard).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     no_label = tf.zeros([spec.num_classes]) if spec.multi_label else tf.constant(0, tf.int32)
-    padding = tf.data.Dataset.from_tensors({
-        'image': tf.zeros([image_size, image_size, 3]), 'label': no_label,
-        'mask': tf.constant(0, tf.int32)}).repeat()
-    ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+    padding = {'image': tf.zeros([image_size, image_size, 3]), 'label': no_label}
+    return padded_eval_batches(spec, config, local_batch, preprocess, padding, split,
+                               process_index, process_count)
+
+
+def padded_eval_batches(spec: DatasetSpec, config, local_batch: int,
+                        preprocess: Callable[[dict], dict], padding: dict,
+                        split: str | None = None, process_index: int | None = None,
+                        process_count: int | None = None) -> tuple[tf.data.Dataset, int]:
+    """This process's share of an eval split, ``preprocess``-ed and padded with copies of
+    ``padding`` to the same number of batches on every process (returned with them).
+    Each example gets ``mask``: 1 for real examples, 0 for padding, so that metrics summed
+    over ``mask`` count every example of the split exactly once."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    split = split or spec.eval_split
+    total = num_examples(spec.builder.info.splits, split)
+    per_process_max = math.ceil(total / process_count)
+    num_batches = math.ceil(per_process_max / local_batch)
+    shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    ds = read(spec, shard).map(lambda e: preprocess(e) | {'mask': tf.constant(1, tf.int32)},
+                                num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors(padding | {'mask': tf.constant(0, tf.int32)})
+    ds = ds.concatenate(padding.repeat()).take(num_batches * local_batch).batch(local_batch)
     return ds.prefetch(config.dataset.prefetch).with_options(_options(True)), num_batches
 
 
@@ -372,10 +392,12 @@ class GlobalBatches:
         try:
             local = next(self._iterator)
         except tf.errors.InvalidArgumentError as e:
+            # TF prefixes the op's cause with the function it ran in: noise to a reader.
+            cause = re.sub(r'\{\{[^}]*\}\}\s*', '', e.message.splitlines()[0])
             raise UserError(
                 f'Reading {self._description} failed on a bad example (e.g. a corrupt '
-                f'image): {e.message.splitlines()[0]}. Set config.dataset.skip_corrupt=True '
-                'to skip such examples with a warning.') from None
+                f'image): {cause}. Set config.dataset.skip_corrupt=True to skip such '
+                'examples with a warning.') from None
         return jax.tree.map(self._to_global, local)
 
     def _to_global(self, array: np.ndarray) -> jax.Array:

@@ -26,7 +26,7 @@ from sequencer_jax.errors import UserError
 from sequencer_jax.models import layout
 from sequencer_jax.train import checkpoint, lease as lease_lib, mesh as mesh_lib
 from sequencer_jax.train import preemption, profiling
-from sequencer_jax.train import state as state_lib, steps
+from sequencer_jax.train import state as state_lib, steps, tasks
 from sequencer_jax.train.reporting import (TENSORBOARD_DIR, MetricWriter, Progress,
                                            StepTimer)
 
@@ -60,11 +60,9 @@ def train_and_evaluate(config, workdir: str, devices=None,
     if config.init_from:
         weights.checked_source(config.init_from)
     workdir = storage.created_dir(workdir, 'the workdir')
-    spec = pipeline.dataset_spec(config.dataset)
-    pipeline.check_train_split(spec)
-    num_classes = config.model.num_classes or spec.num_classes
-    pipeline.check_num_classes(num_classes, spec, 'config.model.num_classes')
-    model = config_defaults.model_from_config(config, num_classes)
+    task = tasks.get_task(config)
+    spec = task.dataset()
+    model = task.model(spec)
     steps_per_epoch = max(spec.num_train_examples // config.batch_size, 1)
     total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
     schedule = state_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
@@ -106,7 +104,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
                 print(f'Config changed since the last start: {"; ".join(changes)}', flush=True)
         elif config.init_from:
             fresh = jax.device_get(jax.jit(init_state)(init_rng).params)
-            params, head = weights.initial_params(config, model, fresh)
+            params, head = task.initial_params(model, fresh)
             state = jax.device_put(state_lib.create_train_state(
                 params, tx, config.ema_decay is not None), shardings)
             start_step, examples_read = 0, 0
@@ -123,17 +121,12 @@ def train_and_evaluate(config, workdir: str, devices=None,
         # Compile.
         batch_sharding = mesh_lib.batch_sharding(mesh)
         replicated = mesh_lib.replicated(mesh)
-        mix = dict(mixup_alpha=config.augment.mixup_alpha,
-                   cutmix_alpha=config.augment.cutmix_alpha,
-                   switch_prob=config.augment.switch_prob,
-                   smoothing=config.augment.label_smoothing)
         train_step = jax.jit(
-            functools.partial(steps.train_step, model=model, tx=tx, mix=mix,
-                              ema_decay=config.ema_decay, accum_steps=config.grad_accum_steps),
+            task.train_step(model, tx, config.ema_decay, config.grad_accum_steps),
             in_shardings=(shardings, batch_sharding, replicated),
             out_shardings=(shardings, replicated), donate_argnums=0,
             compiler_options=xla_options.compiler_options())
-        eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+        eval_step = jax.jit(task.eval_step(model),
                             in_shardings=(shardings.params, batch_sharding),
                             out_shardings=replicated,
                             compiler_options=xla_options.compiler_options())
@@ -142,19 +135,20 @@ def train_and_evaluate(config, workdir: str, devices=None,
             def batches():
                 local_eval_batch = pipeline.local_batch_size(
                     config.eval_batch_size or config.batch_size)
-                ds, n = pipeline.eval_dataset(spec, config, local_eval_batch)
+                ds, n = task.eval_dataset(spec, local_eval_batch)
                 batches = pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} eval')
                 return _reporting_progress(batches, lease), n
 
-            results = {f'eval/{k}': v
-                       for k, v in steps.evaluate(state.params, batches, eval_step).items()}
+            def metrics(params):
+                return steps.evaluate(params, batches, eval_step, task.summarise).items()
+
+            results = {f'eval/{k}': v for k, v in metrics(state.params)}
             if state.ema_params is not None:
-                results |= {f'eval_ema/{k}': v for k, v in
-                            steps.evaluate(state.ema_params, batches, eval_step).items()}
+                results |= {f'eval_ema/{k}': v for k, v in metrics(state.ema_params)}
             return results
 
         train_batches = pipeline.GlobalBatches(
-            pipeline.train_dataset(spec, config, local_batch, start_example=examples_read),
+            task.train_dataset(spec, local_batch, examples_read),
             batch_sharding, f'{spec.builder.name} train')
         writer = MetricWriter(workdir, start_step)
         stack.callback(writer.close)
@@ -166,12 +160,13 @@ def train_and_evaluate(config, workdir: str, devices=None,
                                           first_step=start_step, total_steps=total_steps)
         stack.callback(profiler.close)
         if jax.process_index() == 0:
-            print(f'Training {config.model.name} ({num_classes} classes) on '
+            task_name = ' with UperNet' if config.task == 'segmentation' else ''
+            print(f'Training {config.model.name}{task_name} ({model.num_classes} classes) on '
                   f'{spec.builder.name} for {total_steps} steps of {config.batch_size} images, '
                   f'mesh {dict(mesh.shape)}, workdir {workdir}', flush=True)
         if start_step >= total_steps:
             return _evaluate_finished_run(config, workdir, start_step, total_steps,
-                                          evaluate(state))
+                                          evaluate(state), task)
 
         # The loop.
         timer, window = StepTimer(), _TrainWindow(start_step)
@@ -220,7 +215,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
                 checkpoint.wait(manager)
                 raise Interrupted(f'Stopped ({stop.received or "another process"}): saved '
                                   f'step {step}; rerun the same command to resume.')
-    _print_final(final)
+    _print_final(final, task)
     return final
 
 
@@ -291,7 +286,7 @@ def _restore(manager, abstract, shardings, init_state: Callable, rng, model, mes
     try:
         return checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract, shardings))
     except checkpoint.StateMismatchError as mismatch:
-        other = model.clone(scan_blocks=not model.scan_blocks)
+        other = _other_block_layout(model)
         other_abstract = jax.eval_shape(functools.partial(init_state, net=other), rng)
         target = checkpoint.abstract_like(
             other_abstract, mesh_lib.tree_shardings(other_abstract, mesh, rules))
@@ -302,10 +297,18 @@ def _restore(manager, abstract, shardings, init_state: Callable, rng, model, mes
             raise UserError(f'{mismatch}.{since} Resume with the config the run was started '
                             f'with (--config=configs/workdir.py:dir={workdir}, or no --config), '
                             'or train in another --workdir.') from None
-    print(f'The checkpoint was written with scan_blocks={not model.scan_blocks}: its blocks '
-          f'are converted to scan_blocks={model.scan_blocks}.', flush=True)
+    backbone = getattr(model, 'backbone', model)
+    print(f'The checkpoint was written with scan_blocks={not backbone.scan_blocks}: its '
+          f'blocks are converted to scan_blocks={backbone.scan_blocks}.', flush=True)
     state, meta = restored
-    return jax.device_put(layout.match_state_layout(state, model), shardings), meta
+    return jax.device_put(layout.match_state_layout(state, backbone), shardings), meta
+
+
+def _other_block_layout(model):
+    """``model`` with its (backbone's) blocks in the other layout (``scan_blocks``)."""
+    if hasattr(model, 'backbone'):
+        return model.clone(backbone=_other_block_layout(model.backbone))
+    return model.clone(scan_blocks=not model.scan_blocks)
 
 
 def _config_changes_since_last_start(workdir: epath.Path, config) -> list[str]:
@@ -322,7 +325,7 @@ def _config_changes_since_last_start(workdir: epath.Path, config) -> list[str]:
 
 
 def _evaluate_finished_run(config, workdir, start_step: int, total_steps: int,
-                           results: dict[str, float]) -> dict[str, float]:
+                           results: dict[str, float], task) -> dict[str, float]:
     """A run whose checkpoint is at its end: its evaluation only, and how to train on."""
     if jax.process_index() == 0:
         length = 'num_train_steps' if config.num_train_steps else 'num_epochs'
@@ -331,13 +334,10 @@ def _evaluate_finished_run(config, workdir, start_step: int, total_steps: int,
               f'--config=configs/workdir.py:dir={workdir} --config.{length}=N (the '
               'learning-rate schedule then spans the new length).', flush=True)
     final = {'step': total_steps, **results}
-    _print_final(final)
+    _print_final(final, task)
     return final
 
 
-def _print_final(final: dict[str, float]) -> None:
+def _print_final(final: dict[str, float], task) -> None:
     if jax.process_index() == 0 and final:
-        line = f"Final eval: top-1 {final['eval/top1']:.4f}, top-5 {final['eval/top5']:.4f}"
-        if 'eval_ema/top1' in final:
-            line += f", EMA top-1 {final['eval_ema/top1']:.4f}"
-        print(line, flush=True)
+        print(task.summary(final), flush=True)

@@ -96,7 +96,7 @@ class Progress:
     """A tqdm bar with ETA on a terminal (``mode`` 'bar', or 'auto' on a tty); plain
     lines at each logged step otherwise. Process 0 only."""
 
-    SHOWN_ON_BAR = ('train/loss', 'train/top1', 'eval/top1')
+    SHOWN_ON_BAR = ('train/loss', 'train/top1', 'train/pixel_acc', 'eval/top1', 'eval/miou')
 
     def __init__(self, mode: str, start: int, total: int):
         self._active = jax.process_index() == 0

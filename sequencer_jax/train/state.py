@@ -39,16 +39,26 @@ def create_train_state(params: Any, tx: optax.GradientTransformation,
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup from ``warmup_lr`` to the batch-scaled peak, then cosine to ``min_lr``.
+    """Linear warmup from ``warmup_lr`` to the batch-scaled peak, then ``schedule``:
+    'cosine' to ``min_lr``, or 'poly' (mmsegmentation's PolyLR: ``(1 - t) ** power``
+    down to ``min_lr``).
 
-    peak = ``base_lr * batch_size / reference_batch_size`` (the linear scaling rule).
+    peak = ``base_lr * batch_size / reference_batch_size`` (the linear scaling rule). The
+    warmup lasts ``warmup_steps``, or else ``warmup_epochs``.
     """
     opt = config.optimizer
     peak = opt.base_lr * config.batch_size / opt.reference_batch_size
-    warmup = min(int(opt.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=opt.warmup_lr, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=opt.min_lr)
+    warmup = opt.warmup_steps if opt.warmup_steps is not None else \
+        int(opt.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    if opt.schedule == 'cosine':
+        return optax.warmup_cosine_decay_schedule(
+            init_value=opt.warmup_lr, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=opt.min_lr)
+    return optax.join_schedules([
+        optax.linear_schedule(opt.warmup_lr, peak, warmup),
+        optax.polynomial_schedule(peak, opt.min_lr, opt.power, max(total_steps - warmup, 1))],
+        [warmup])
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sequencer_jax.data import mixing
@@ -21,18 +23,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation,
-               mix: dict[str, float] | None = None, ema_decay: float | None = None,
+               loss_fn: Callable, tx: optax.GradientTransformation,
+               prepare: Callable | None = None, ema_decay: float | None = None,
                accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step, with mixup/cutmix and label smoothing on device.
+    """One optimisation step of any task.
 
     Args:
       state: the current TrainState.
-      batch: ``image [B, H, W, 3]`` (normalised) and integer ``label [B]``.
+      batch: arrays with a leading batch axis ``[B, ...]`` (sharded over the batch axes).
       rng: the run's root key; per-step keys are folded in from ``state.step``.
-      model, tx: the Flax model and the optax optimizer (static).
-      mix: keyword arguments of ``mixing.mix_batch`` (``mixup_alpha``, ``cutmix_alpha``,
-        ``switch_prob``, ``smoothing``); None trains on plain one-hot labels.
+      loss_fn: ``(params, batch, rng) -> (loss, metrics)``: the task's scalar loss and its
+        scalar train metrics (e.g. ``classification_loss`` with its model bound).
+      tx: the optax optimizer.
+      prepare: ``(rng, batch) -> batch`` on the whole batch before the loss (mixup/cutmix
+        and label smoothing for classification); None: the batch as it is.
       ema_decay: update ``state.ema_params`` with this decay when EMA is enabled.
       accum_steps: the batch's gradient is summed over this many micro-batches of
         ``B / accum_steps`` examples, one after another (activation memory of a
@@ -41,49 +45,71 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         keeps working on its own rows.
 
     Returns:
-      The new state and scalar metrics ``loss``, ``top1`` (against the unmixed labels)
-      and ``grad_norm``.
+      The new state and the scalar metrics: ``loss``, the task's, and ``grad_norm``.
     """
     step_rng = jax.random.fold_in(rng, state.step)
-    mix_rng, dropout_rng = jax.random.split(step_rng)
-    num_classes = model.num_classes
-    images, targets = mixing.mix_batch(mix_rng, batch['image'], batch['label'], num_classes,
-                                       **(mix or dict(mixup_alpha=0.0, cutmix_alpha=0.0,
-                                                      smoothing=0.0)))
-
-    def loss_fn(params, images, targets, rng):
-        logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
-        return cross_entropy(logits, targets), logits
-
+    prepare_rng, dropout_rng = jax.random.split(step_rng)
+    if prepare is not None:
+        batch = prepare(prepare_rng, batch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        (loss, logits), grads = grad_fn(state.params, images, targets, dropout_rng)
+        (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
     else:
         def accumulate(total, micro):
-            (loss, logits), grads = grad_fn(state.params, *micro)
-            return jax.tree.map(jnp.add, total, grads), (loss, logits)
+            (loss, metrics), grads = grad_fn(state.params, *micro)
+            return jax.tree.map(jnp.add, total, grads), (loss, metrics)
 
         # [B, ...] -> [accum_steps, B / accum_steps, ...], micro-batch i = rows i::accum_steps.
         split = lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1)  # noqa: E731
         keys = jax.random.split(dropout_rng, accum_steps)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, logits) = jax.lax.scan(accumulate, zeros,
-                                               (split(images), split(targets), keys))
+        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros,
+                                                (jax.tree.map(split, batch), keys))
         grads = jax.tree.map(lambda g: g / accum_steps, grads)
-        loss = jnp.mean(losses)
-        logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])
+        loss, metrics = jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None and ema_decay is not None:
         ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-    metrics = {
-        'loss': loss,
-        'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-        'grad_norm': optax.global_norm(grads),
-    }
+    metrics = {'loss': loss, **metrics, 'grad_norm': optax.global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), metrics
+
+
+def classification_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
+                              mix: dict[str, float] | None = None,
+                              ema_decay: float | None = None, accum_steps: int = 1):
+    """``train_step`` for classification (to jit): cross-entropy with mixup/cutmix and
+    label smoothing on device (``mix``: see ``mixed_batch``; None: plain one-hot labels),
+    metrics ``loss``, ``top1`` (against the unmixed labels) and ``grad_norm``. batch:
+    ``image [B, H, W, 3]`` (normalised) and integer ``label [B]``."""
+    return functools.partial(
+        train_step, loss_fn=functools.partial(classification_loss, model=model), tx=tx,
+        prepare=functools.partial(mixed_batch, num_classes=model.num_classes, mix=mix),
+        ema_decay=ema_decay, accum_steps=accum_steps)
+
+
+def mixed_batch(rng: jax.Array, batch: dict[str, jax.Array], *, num_classes: int,
+                mix: dict[str, float] | None = None) -> dict[str, jax.Array]:
+    """Classification's ``prepare`` of ``train_step``: ``batch`` (``image [B, H, W, 3]``,
+    integer ``label [B]``) with mixup/cutmix applied and the soft ``target [B, K]``.
+    ``mix``: keyword arguments of ``mixing.mix_batch`` (``mixup_alpha``, ``cutmix_alpha``,
+    ``switch_prob``, ``smoothing``); None: plain one-hot targets."""
+    images, targets = mixing.mix_batch(rng, batch['image'], batch['label'], num_classes,
+                                       **(mix or dict(mixup_alpha=0.0, cutmix_alpha=0.0,
+                                                      smoothing=0.0)))
+    return batch | {'image': images, 'target': targets}
+
+
+def classification_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *,
+                        model: nn.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy against ``batch['target']`` (from ``mix``) and ``top1`` against
+    the unmixed ``label``."""
+    logits = model.apply({'params': params}, batch['image'], train=True,
+                         rngs={'dropout': rng})
+    top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    return cross_entropy(logits, batch['target']), {'top1': top1}
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -119,16 +145,27 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
     }
 
 
-def evaluate(params: Any, batches: Callable[[], tuple[Any, int]], eval_fn) -> dict[str, float]:
-    """top1, top5 and loss over a whole split: ``batches()`` gives its padded batches
-    (and their count), ``eval_fn(params, batch)`` the sums of ``eval_step``; every
-    example counts once."""
+def evaluate(params: Any, batches: Callable[[], tuple[Any, int]], eval_fn,
+             summarise: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None
+             ) -> dict[str, float]:
+    """A whole split's metrics: ``batches()`` gives its padded batches (and their count),
+    ``eval_fn(params, batch)`` one batch's sums (``eval_step``), ``summarise`` turns their
+    totals into metrics (default: ``classification_metrics``). The sums are added on the
+    host in 64 bits, so that counts of pixels over a split stay exact."""
     dataset, _ = batches()
     totals = None
     for batch in dataset:
-        out = eval_fn(params, batch)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.tree.map(float, totals)
-    count = max(totals['count'], 1.0)
-    return {'top1': totals['top1'] / count, 'top5': totals['top5'] / count,
-            'loss': totals['loss_sum'] / count}
+        out = jax.tree.map(_wide, jax.device_get(eval_fn(params, batch)))
+        totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    return (summarise or classification_metrics)(totals)
+
+
+def _wide(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.int64 if np.issubdtype(x.dtype, np.integer) else np.float64)
+
+
+def classification_metrics(totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """top1, top5 and loss from the summed counts of ``eval_step``: every example once."""
+    count = max(float(totals['count']), 1.0)
+    return {'top1': float(totals['top1']) / count, 'top5': float(totals['top5']) / count,
+            'loss': float(totals['loss_sum']) / count}
