@@ -49,7 +49,7 @@ def _ade20k(config):
                                                     shuffle_buffer=2048)
     config.segmentation = config_defaults.segmentation_config(
         reduce_zero_label=True, eval_scale=(2048, 512), eval_canvas=(2048, 2048),
-        inference='slide')
+        eval_label_canvas=(2048, 2048), inference='slide')
     config.image_size = 512
     config.batch_size = 16
     config.eval_batch_size = 8

@@ -96,11 +96,16 @@ def segmentation_config(**overrides) -> ml_collections.ConfigDict:
         photometric=True,
         # Eval: rescaled to eval_scale (None: as they are) and padded to eval_canvas (H, W;
         # None: image_size square), predicted 'whole' or 'slide' (image_size windows every
-        # slide_stride pixels), with eval_flip the mirrored images' logits averaged in.
+        # slide_stride pixels); test-time augmentation averages the probabilities of the
+        # canvases resized by each of eval_scales and, with eval_flip, mirrored.
         eval_scale=ml_collections.FieldReference(None, field_type=tuple),
         eval_canvas=ml_collections.FieldReference(None, field_type=tuple),
+        # With eval_scale: the (H, W) masks are padded to at their original size, where the
+        # predictions, resized back, are scored (None: eval_canvas).
+        eval_label_canvas=ml_collections.FieldReference(None, field_type=tuple),
         inference='whole',
         slide_stride=(341, 341),
+        eval_scales=(1.0,),  # mmsegmentation's ADE20K TTA: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
         eval_flip=False,
         channels=512,  # UperNet's width
         aux_channels=ml_collections.FieldReference(256, field_type=int),  # None: no aux head
@@ -306,10 +311,14 @@ def _segmentation_problems(config: ml_collections.ConfigDict) -> list[str]:
     if seg.inference not in ('whole', 'slide'):
         problems.append("config.segmentation.inference must be 'whole' or 'slide', got "
                         f'{seg.inference!r}')
-    for key in ('scale', 'eval_scale', 'eval_canvas', 'slide_stride', 'ratio_range'):
+    for key in ('scale', 'eval_scale', 'eval_canvas', 'eval_label_canvas', 'slide_stride',
+                'ratio_range'):
         value = seg[key]
         if value is not None and (len(value) != 2 or min(value) <= 0):
             problems.append(f'config.segmentation.{key}={value!r} must be two positive numbers')
+    if not seg.eval_scales or min(seg.eval_scales) <= 0:
+        problems.append(f'config.segmentation.eval_scales={seg.eval_scales!r} must be positive '
+                        'factors, e.g. (1.0,)')
     return problems
 
 

@@ -131,10 +131,51 @@ def test_sliding_windows_equal_the_whole_image_where_they_agree():
     np.testing.assert_allclose(
         seg_models.predict_logits(apply, canvas, full, 'slide', (16, 24), (8, 8)),
         seg_models.predict_logits(apply, canvas, full, 'whole'), rtol=1e-5, atol=1e-5)
-    # Flipping a context-free network changes nothing; each image mirrors in its own size.
+    # Test-time augmentation averages the views' probabilities. Flipping a context-free
+    # network changes nothing (each image mirrors within its own size), and neither does
+    # rescaling an image that is constant within each half.
+    log_probabilities = jax.nn.log_softmax(whole, axis=-1)
     np.testing.assert_allclose(
         seg_models.predict_logits(pointwise, images, sizes, 'whole', flip=True)[1, :13, :25],
-        whole[1, :13, :25], rtol=1e-5, atol=1e-6)
+        log_probabilities[1, :13, :25], rtol=1e-5, atol=1e-5)
+    halves = jnp.concatenate([jnp.ones((1, 20, 15, 3)), -jnp.ones((1, 20, 15, 3))], axis=2)
+    full_size = jnp.asarray([[20, 30]])
+    tta = seg_models.predict_logits(pointwise, halves, full_size, 'slide', (8, 12), (5, 7),
+                                    flip=False, scales=(0.5, 1.0, 2.0))
+    single = jax.nn.log_softmax(pointwise(halves), axis=-1)
+    away_from_the_middle = np.r_[0:13, 17:30]
+    np.testing.assert_allclose(tta[:, :, away_from_the_middle],
+                               single[:, :, away_from_the_middle], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(tta, single, atol=1e-3)  # the middle columns blend
+
+
+def pytorch_bilinear(x, out_h, out_w):
+    """``F.interpolate(x, (out_h, out_w), mode='bilinear', align_corners=False)`` of one
+    ``[h, w, C]`` image, written out: half-pixel centres, sources clamped at the edges."""
+    def weights(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        low = np.floor(src).astype(int)
+        high = np.minimum(low + 1, n_in - 1)
+        matrix = np.zeros((n_out, n_in))
+        np.add.at(matrix, (np.arange(n_out), low), 1 - (src - low))
+        np.add.at(matrix, (np.arange(n_out), high), src - low)
+        return matrix
+    return np.einsum('ih,hwc,jw->ijc', weights(x.shape[0], out_h), x, weights(x.shape[1], out_w))
+
+
+def test_logits_go_back_to_the_original_size_as_pytorch_resizes_them():
+    rng = np.random.RandomState(0)
+    canvas = rng.randn(2, 12, 16, 3).astype(np.float32)
+    sizes, label_sizes = np.asarray([[9, 16], [12, 7]]), np.asarray([[20, 33], [5, 4]])
+    out = np.asarray(seg_models.resized_to_labels(jnp.asarray(canvas), jnp.asarray(sizes),
+                                                  jnp.asarray(label_sizes), (24, 40)))
+    for b, ((h, w), (lh, lw)) in enumerate(zip(sizes, label_sizes)):
+        np.testing.assert_allclose(out[b, :lh, :lw],
+                                   pytorch_bilinear(canvas[b, :h, :w], lh, lw),
+                                   rtol=1e-5, atol=1e-5)
+    same = seg_models.resized_to_labels(jnp.asarray(canvas), jnp.asarray([[12, 16]] * 2),
+                                        jnp.asarray([[12, 16]] * 2), (12, 16))
+    np.testing.assert_allclose(same, canvas, rtol=1e-6, atol=1e-6)
 
 
 def mmseg_window_starts(h, w, crop, stride):
@@ -184,6 +225,15 @@ def test_transforms_crop_flip_and_pad_with_the_ignore_label(data_dir):
     assert (first['label'][:, 64:] == 255).all() and (first['label'][:, :, 64:] == 255).all()
     assert (first['image'][:, 64:] == 0).all()
     assert last['mask'].sum() == 200 - 3 * 64 and (last['label'][8:] == 255).all()
+    # Rescaled for the network, the masks stay at their original size.
+    rescaled = tiny_config(data_dir, **{'segmentation.eval_scale': (48, 48),
+                                        'segmentation.eval_canvas': (48, 48),
+                                        'segmentation.eval_label_canvas': (70, 66)})
+    batch = next(seg_data.eval_dataset(spec, rescaled, 8, 'test')[0].as_numpy_iterator())
+    assert batch['image'].shape == (8, 48, 48, 3) and batch['label'].shape == (8, 70, 66)
+    np.testing.assert_array_equal(batch['size'], [[48, 48]] * 8)
+    np.testing.assert_array_equal(batch['label_size'], [[64, 64]] * 8)
+    np.testing.assert_array_equal(batch['label'][:, :64, :64], first['label'][:8, :64, :64])
 
 
 def encoded(array):
@@ -218,7 +268,10 @@ def test_bad_masks_are_named_before_training(data_dir, tmp_path):
 
 
 def test_segmentation_resumes_bit_identically(data_dir, tmp_path, monkeypatch):
-    config = tiny_config(data_dir, steps=4, mesh=(('data', 4), ('fsdp', 2)))
+    # Evaluated rescaled (the logits resized back to the masks' size), on a 4x2 mesh.
+    config = tiny_config(data_dir, steps=4, mesh=(('data', 4), ('fsdp', 2)), **{
+        'segmentation.eval_scale': (48, 48), 'segmentation.eval_canvas': (48, 48),
+        'segmentation.eval_label_canvas': (64, 64)})
     metrics = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
     assert {'eval/miou', 'eval/macc', 'eval/aacc', 'eval/loss'} <= set(metrics)
     with monkeypatch.context() as patch:
@@ -240,11 +293,13 @@ def test_backbone_comes_from_a_classification_run(data_dir, tmp_path, capsys):
     classifier.dataset.data_dir = data_dir
     classifier.dataset.eval_split = 'test[:16]'
     classifier.update(num_train_steps=2, batch_size=8, log_every_steps=1, progress='lines')
-    loop.train_and_evaluate(classifier, str(tmp_path / 'classifier'))
+    one_device = jax.devices()[:1]  # compiles for one device are the quickest
+    loop.train_and_evaluate(classifier, str(tmp_path / 'classifier'), one_device)
     backbone = final_params(tmp_path / 'classifier')
     # A step at learning rate 0 keeps the loaded weights as they are.
     loop.train_and_evaluate(tiny_config(data_dir, steps=1, init_from=str(tmp_path / 'classifier'),
-                                        **{'optimizer.base_lr': 0.0}), str(tmp_path / 'seg'))
+                                        **{'optimizer.base_lr': 0.0}), str(tmp_path / 'seg'),
+                            one_device)
     assert f'Initialised from {tmp_path / "classifier"} (the backbone loaded, new heads)' in \
         capsys.readouterr().out
     loaded = final_params(tmp_path / 'seg')['backbone']
@@ -256,7 +311,7 @@ def test_backbone_comes_from_a_classification_run(data_dir, tmp_path, capsys):
     with pytest.raises(UserError, match=r"\(the backbone\) does not fit sequencer2d_s .*its "
                        r"parameter stages_1_blocks_0/mlp_channels/fc1/bias is \(72,\), the "
                        r"model's \(96,\)"):
-        loop.train_and_evaluate(wider, str(tmp_path / 'wider'))
+        loop.train_and_evaluate(wider, str(tmp_path / 'wider'), one_device)
 
 
 def trained_digits(data_dir, workdir, steps):

@@ -5,9 +5,9 @@ Train (mmsegmentation's ADE20K pipeline): random rescale of ``scale`` by a ratio
 than ``cat_max_ratio`` (10 tries), horizontal flip, photometric distortion, normalisation,
 padding to the crop (image 0, mask ``ignore_label``). Eval: optionally rescaled to
 ``eval_scale`` (aspect kept), normalised and padded to ``eval_canvas``, with the real
-size kept in ``size`` for sliding-window inference. Masks are resized with nearest
-neighbour and compared at the size the network sees (mmsegmentation resizes the logits
-back to the original size instead: the same where ``eval_scale`` is None).
+size kept in ``size`` for sliding-window inference; its mask stays at the original size
+(padded to ``eval_label_canvas``), where the predictions are compared, as in
+mmsegmentation.
 
 A mask is a TFDS ``Image`` (its first channel) or a 2-D integer tensor; with
 ``reduce_zero_label``, 0 becomes ``ignore_label`` and every other label one less
@@ -157,17 +157,16 @@ def photometric_distortion(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.where(contrast_first, image, contrast(image))
 
 
-def _padded(image, mask, size, ignore: int):
-    """Normalised image and mask padded at the bottom and right to ``size``."""
-    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
-    tf.debugging.assert_less_equal(
-        tf.stack([h, w]), tf.constant(size, tf.int32),
-        message=f'An eval image larger than config.segmentation.eval_canvas={tuple(size)}; '
-                'make the canvas hold every (rescaled) eval image')
-    paddings = [[0, size[0] - h], [0, size[1] - w]]
-    image = tf.pad(transforms.normalize(image), paddings + [[0, 0]])
-    mask = tf.pad(mask, paddings, constant_values=ignore)
-    return tf.ensure_shape(image, [*size, 3]), tf.ensure_shape(mask, size)
+def _padded(x: tf.Tensor, size, value, key: str = 'eval_canvas') -> tf.Tensor:
+    """``x [h, w, ...]`` padded at the bottom and right with ``value`` to ``size``; a
+    larger ``x`` stops the input naming config.segmentation's ``key``."""
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    tf.debugging.Assert(tf.logical_and(h <= size[0], w <= size[1]), [
+        f'An eval image larger than config.segmentation.{key}={tuple(size)}: make it hold '
+        'every eval image (rescaled for eval_canvas, original for eval_label_canvas). Its '
+        'size:', tf.shape(x)[:2]])
+    paddings = [[0, size[0] - h], [0, size[1] - w]] + [[0, 0]] * (len(x.shape) - 2)
+    return tf.ensure_shape(tf.pad(x, paddings, constant_values=value), [*size, *x.shape[2:]])
 
 
 def train_preprocess(spec: pipeline.DatasetSpec, config):
@@ -190,8 +189,8 @@ def train_preprocess(spec: pipeline.DatasetSpec, config):
             mask = tf.where(flip, mask[:, ::-1], mask)
         if seg.photometric:
             image = photometric_distortion(image, s[3])
-        image, mask = _padded(image, mask, (crop, crop), seg.ignore_label)
-        return {'image': image, 'label': mask}
+        return {'image': _padded(transforms.normalize(image), (crop, crop), 0.0),
+                'label': _padded(mask, (crop, crop), seg.ignore_label)}
 
     return preprocess
 
@@ -201,25 +200,38 @@ def eval_canvas(config) -> tuple[int, int]:
     return tuple(config.segmentation.eval_canvas or (config.image_size,) * 2)
 
 
+def label_canvas(config) -> tuple[int, int]:
+    """The (H, W) every eval mask is padded to: at its original size, which is the image's
+    unless ``eval_scale`` rescales it."""
+    seg = config.segmentation
+    return tuple(seg.eval_label_canvas or eval_canvas(config)) if seg.eval_scale \
+        else eval_canvas(config)
+
+
 def eval_dataset(spec: pipeline.DatasetSpec, config, local_batch: int, split: str | None = None,
                  process_index: int | None = None, process_count: int | None = None):
-    """This process's padded eval batches and their count: ``image [H, W, 3]``, ``label
-    [H, W]`` (``ignore_label`` outside the image), ``size [2]`` (the image's rows and
-    columns on the canvas) and ``mask`` (1 for real examples)."""
-    seg, canvas = config.segmentation, eval_canvas(config)
+    """This process's padded eval batches and their count: ``image [H, W, 3]`` (rescaled
+    to ``eval_scale`` if set) with ``size [2]``, its rows and columns on the canvas; the
+    mask at its original size, ``label [Hl, Wl]`` (``ignore_label`` outside it) with
+    ``label_size [2]``; and ``mask`` (1 for real examples)."""
+    seg, canvas, labels = config.segmentation, eval_canvas(config), label_canvas(config)
 
     def preprocess(example):
         image, mask = decode(example, spec, seg)
+        label_size = tf.shape(mask)[:2]
         if seg.eval_scale:
-            image, mask = _resized(image, mask, rescale_size(
-                tf.shape(mask)[0], tf.shape(mask)[1], tuple(float(v) for v in seg.eval_scale)))
-        size = tf.shape(mask)[:2]
-        image, mask = _padded(image, mask, canvas, seg.ignore_label)
-        return {'image': image, 'label': mask, 'size': size}
+            image = tf.image.resize(image, rescale_size(
+                label_size[0], label_size[1], tuple(float(v) for v in seg.eval_scale)),
+                'bilinear')
+        size = tf.shape(image)[:2]
+        return {'image': _padded(transforms.normalize(image), canvas, 0.0, 'eval_canvas'),
+                'size': size, 'label': _padded(mask, labels, seg.ignore_label,
+                                               'eval_label_canvas'),
+                'label_size': label_size}
 
-    padding = {'image': tf.zeros([*canvas, 3]),
-               'label': tf.fill(canvas, tf.constant(seg.ignore_label, tf.int32)),
-               'size': tf.constant(canvas, tf.int32)}
+    padding = {'image': tf.zeros([*canvas, 3]), 'size': tf.constant(canvas, tf.int32),
+               'label': tf.fill(labels, tf.constant(seg.ignore_label, tf.int32)),
+               'label_size': tf.constant(labels, tf.int32)}
     return pipeline.padded_eval_batches(spec, config, local_batch, preprocess, padding, split,
                                         process_index, process_count)
 

@@ -37,8 +37,12 @@ def palette(num_classes: int) -> np.ndarray:
 
 def side_by_side(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
                  colours: np.ndarray, ignore_label: int) -> np.ndarray:
-    """uint8 ``[h, 3 w, 3]``: the (normalised) image, its label, the prediction."""
-    shown = image * np.asarray(transforms.IMAGENET_STD) + np.asarray(transforms.IMAGENET_MEAN)
+    """uint8 ``[h, 3 w, 3]``: the (normalised) image, shown at its label's size ``[h, w]``
+    (nearest neighbour), its label and the prediction."""
+    rows = np.arange(label.shape[0]) * image.shape[0] // label.shape[0]
+    cols = np.arange(label.shape[1]) * image.shape[1] // label.shape[1]
+    shown = image[rows][:, cols] * np.asarray(transforms.IMAGENET_STD) + np.asarray(
+        transforms.IMAGENET_MEAN)
     shown = np.clip(np.round(shown), 0, 255).astype(np.uint8)
     ignored = label == ignore_label
     drawn_label = np.where(ignored[..., None], 0, colours[np.where(ignored, 0, label)])
@@ -46,27 +50,29 @@ def side_by_side(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
 
 
 def predictions(config, checkpoint_dir: str, num_images: int, use_ema: bool = False):
-    """(image, label, prediction) of the first ``num_images`` eval images, each cut to
-    the image's own size on the canvas."""
+    """(image, label, prediction) of the first ``num_images`` eval images: the image cut
+    to its size on the canvas, the label and prediction to the original size."""
     task = tasks.Segmentation(config)
     model, params, spec = task.load(checkpoint_dir, use_ema)
-    seg = config.segmentation
 
     @jax.jit
     def predict(params, batch):
         apply = lambda x: model.apply({'params': params}, x)  # noqa: E731
-        return seg_models.predict_logits(
-            apply, batch['image'], batch['size'], seg.inference, (config.image_size,) * 2,
-            tuple(seg.slide_stride), seg.eval_flip).argmax(-1)
+        logits = seg_models.predict_logits(apply, batch['image'], batch['size'],
+                                           **tasks.inference_options(config))
+        if config.segmentation.eval_scale:
+            logits = seg_models.resized_to_labels(logits, batch['size'], batch['label_size'],
+                                                  batch['label'].shape[1:3])
+        return logits.argmax(-1)
 
     dataset, _ = task.eval_dataset(spec, min(num_images, 8))
     drawn = []
     for batch in dataset.as_numpy_iterator():
         predicted = np.asarray(predict(params, batch))
         for i in np.flatnonzero(batch['mask'])[:num_images - len(drawn)]:
-            h, w = batch['size'][i]
-            drawn.append((batch['image'][i, :h, :w], batch['label'][i, :h, :w],
-                          predicted[i, :h, :w]))
+            (h, w), (lh, lw) = batch['size'][i], batch['label_size'][i]
+            drawn.append((batch['image'][i, :h, :w], batch['label'][i, :lh, :lw],
+                          predicted[i, :lh, :lw]))
         if len(drawn) == num_images:
             break
     return drawn, spec.num_classes

@@ -184,6 +184,24 @@ class SequencerUperNet(nn.Module):
         return (logits, aux) if train else logits
 
 
+def resized_to_labels(logits: Array, sizes: Array, label_sizes: Array,
+                      label_shape: Sequence[int]) -> Array:
+    """Canvas logits ``[B, H, W, K]`` of images of ``sizes [B, 2]`` -> ``[B, *label_shape,
+    K]`` whose top-left ``label_sizes [B, 2]`` hold each image's logits resized to its
+    original size: bilinear as ``F.interpolate(align_corners=False)``, which
+    mmsegmentation applies before comparing with the labels (the image's edge rows and
+    columns repeat beyond it, as PyTorch clamps)."""
+    h, w = logits.shape[1:3]
+
+    def one(x, size, label_size):
+        x = x[jnp.minimum(jnp.arange(h), size[0] - 1)][:, jnp.minimum(jnp.arange(w), size[1] - 1)]
+        scale = label_size.astype(jnp.float32) / size.astype(jnp.float32)
+        return jax.image.scale_and_translate(x, (*label_shape, x.shape[-1]), (0, 1), scale,
+                                             jnp.zeros(2), 'linear', antialias=False)
+
+    return jax.vmap(one)(logits, sizes, label_sizes)
+
+
 def _num_windows(length, crop: int, stride: int):
     """mmsegmentation's window count along a side of ``length`` (an int or an array)."""
     return jnp.maximum(length - crop + stride - 1, 0) // stride + 1
@@ -243,23 +261,45 @@ def slide_logits(logits_fn, images: Array, sizes: Array, crop: Sequence[int],
 
 def predict_logits(logits_fn, images: Array, sizes: Array, mode: str = 'whole',
                    crop: Sequence[int] = (512, 512), stride: Sequence[int] = (341, 341),
-                   flip: bool = False) -> Array:
+                   flip: bool = False, scales: Sequence[float] = (1.0,)) -> Array:
     """The logits ``[B, H, W, K]`` of canvases ``images [B, H, W, 3]`` (see
     ``slide_logits`` for ``sizes``): ``mode`` 'whole' (the network on the whole canvas)
-    or 'slide'; with ``flip``, averaged with those of the mirrored images."""
+    or 'slide'.
+
+    With test-time augmentation (``flip``: the mirrored images too; ``scales``: the
+    canvases resized by each factor, bilinear, the predictions resized back), the views'
+    softmax probabilities are averaged, as mmsegmentation's ``SegTTAModel`` does, and
+    their log is returned: the same argmax and the same log-probabilities as such
+    logits. A canvas is resized as a whole, so each image's last row and column blend
+    with the padding at scales other than 1.
+    """
     if mode not in INFERENCE_MODES:
         raise UserError(f'Unknown inference mode {mode!r}: use one of {list(INFERENCE_MODES)}.')
 
-    def once(x):
+    def once(x, sizes):
         if mode == 'whole':
             return logits_fn(x).astype(jnp.float32)
         return slide_logits(logits_fn, x, sizes, crop, stride)
 
-    logits = once(images)
-    if flip:
-        # The mirror of a canvas puts its padding on the left: mirror each image in place.
-        cols = jnp.arange(images.shape[2])
-        source = jnp.where(cols[None] < sizes[:, 1:2], sizes[:, 1:2] - 1 - cols[None], cols[None])
-        mirror = jax.vmap(lambda x, s: x[:, s])
-        logits = (logits + mirror(once(mirror(images, source)), source)) / 2
-    return logits
+    def mirror(x, sizes):  # each image within its own width: its padding stays right
+        cols = jnp.arange(x.shape[2])[None]
+        source = jnp.where(cols < sizes[:, 1:2], sizes[:, 1:2] - 1 - cols, cols)
+        return jax.vmap(lambda image, s: image[:, s])(x, source)
+
+    views = []
+    for scale in scales:
+        shape = images.shape[1:3]
+        if scale != 1.0:
+            shape = tuple(max(round(side * scale), 1) for side in shape)
+        scaled = resize_bilinear(images, shape)
+        scaled_sizes = jnp.clip(jnp.round(sizes * scale).astype(sizes.dtype), 1,
+                                jnp.asarray(shape))
+        predicted = [once(scaled, scaled_sizes)]
+        if flip:
+            predicted.append(mirror(once(mirror(scaled, scaled_sizes), scaled_sizes),
+                                    scaled_sizes))
+        views += [resize_bilinear(v, images.shape[1:3]) for v in predicted]
+    if len(views) == 1:
+        return views[0]
+    probabilities = sum(jax.nn.softmax(v, axis=-1) for v in views) / len(views)
+    return jnp.log(jnp.maximum(probabilities, jnp.finfo(jnp.float32).tiny))

@@ -151,8 +151,7 @@ class Segmentation:
     def eval_step(self, model):
         return functools.partial(
             segmentation_eval_step, model=model, ignore_label=self.seg.ignore_label,
-            inference=dict(mode=self.seg.inference, crop=(self.config.image_size,) * 2,
-                           stride=tuple(self.seg.slide_stride), flip=self.seg.eval_flip))
+            inference=inference_options(self.config), rescaled=bool(self.seg.eval_scale))
 
     def summarise(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
         pixels = max(float(totals['pixels']), 1.0)
@@ -165,6 +164,14 @@ class Segmentation:
         if 'eval_ema/miou' in final:
             line += f", EMA mIoU {final['eval_ema/miou']:.4f}"
         return line
+
+
+def inference_options(config) -> dict:
+    """Keyword arguments of ``predict_logits`` from ``config.segmentation``."""
+    seg = config.segmentation
+    return dict(mode=seg.inference, crop=(config.image_size,) * 2,
+                stride=tuple(seg.slide_stride), flip=seg.eval_flip,
+                scales=tuple(seg.eval_scales))
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int
@@ -195,13 +202,19 @@ def segmentation_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
 
 
 def segmentation_eval_step(params: Any, batch: dict[str, jax.Array], *, model,
-                           ignore_label: int, inference: dict) -> dict[str, jax.Array]:
+                           ignore_label: int, inference: dict, rescaled: bool
+                           ) -> dict[str, jax.Array]:
     """One padded batch's ``confusion [K, K]``, ``loss_sum`` and labelled ``pixels``.
-    batch: ``image [B, H, W, 3]`` canvases, ``label [B, H, W]``, ``size [B, 2]`` and
-    ``mask [B]``; ``inference``: keyword arguments of ``predict_logits``."""
+    batch: ``image [B, H, W, 3]`` canvases with ``size [B, 2]``, ``label [B, Hl, Wl]``
+    with ``label_size [B, 2]``, and ``mask [B]``; ``inference``: keyword arguments of
+    ``predict_logits``. ``rescaled``: the images were rescaled (``eval_scale``), so their
+    logits are resized to the labels' original sizes first."""
     apply = lambda x: model.apply({'params': params}, x, train=False)  # noqa: E731
     logits = seg_models.predict_logits(apply, batch['image'], batch['size'], **inference)
     labels = batch['label']
+    if rescaled:
+        logits = seg_models.resized_to_labels(logits, batch['size'], batch['label_size'],
+                                              labels.shape[1:3])
     num_classes = logits.shape[-1]
     loss_sum, valid = pixel_cross_entropy(logits, labels, ignore_label)
     valid = valid & (batch['mask'][:, None, None] > 0)
