@@ -19,6 +19,9 @@ Example: ``--config=configs/segmentation.py:dataset=ade20k,model=sequencer2d_m,d
 from sequencer_jax import config_defaults
 from sequencer_jax.errors import UserError
 
+# The warmup starts at this fraction of base_lr (mmsegmentation's LinearLR start_factor).
+WARMUP_START = 1e-6
+
 
 def _digits(config):
     config.model.args.update(layers=(1, 1, 2, 1), patch_sizes=(4, 2, 1, 1),
@@ -34,6 +37,7 @@ def _digits(config):
     config.batch_size = 16
     config.num_train_steps = 1000
     config.optimizer.base_lr = 2e-3
+    config.optimizer.warmup_lr = 2e-3 * WARMUP_START
     config.optimizer.weight_decay = 0.01
     config.optimizer.warmup_steps = 50
     config.log_every_steps = 50
@@ -55,6 +59,7 @@ def _ade20k(config):
     config.eval_batch_size = 8
     config.num_train_steps = 160_000
     config.optimizer.base_lr = 6e-5
+    config.optimizer.warmup_lr = 6e-5 * WARMUP_START
     config.optimizer.weight_decay = 0.01
     config.optimizer.warmup_steps = 1500
     config.log_every_steps = 50
@@ -74,8 +79,7 @@ def _set_dataset(config, name):
 def get_config(arg=None):
     config = config_defaults.base_config()
     config.task = 'segmentation'
-    config.optimizer.update(schedule='poly', power=1.0, reference_batch_size=16,
-                            warmup_lr=1e-6 * 6e-5, min_lr=0.0)
+    config.optimizer.update(schedule='poly', power=1.0, reference_batch_size=16, min_lr=0.0)
     config.best_metric = 'eval/miou'
     if 'dataset=' not in (arg or ''):
         _digits(config)

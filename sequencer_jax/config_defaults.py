@@ -14,6 +14,7 @@ import ml_collections
 from sequencer_jax import storage
 from sequencer_jax.errors import UserError
 from sequencer_jax.models import registry
+from sequencer_jax.models.segmentation import INFERENCE_MODES
 from sequencer_jax.models.sequencer import RECURRENCES, Sequencer
 from sequencer_jax.train import mesh as mesh_lib
 
@@ -308,9 +309,13 @@ def _segmentation_problems(config: ml_collections.ConfigDict) -> list[str]:
     if not config.model.num_classes:
         problems.append('config.model.num_classes must be set for segmentation (a mask does '
                         'not say how many classes it has), e.g. 150 for ADE20K')
-    if seg.inference not in ('whole', 'slide'):
-        problems.append("config.segmentation.inference must be 'whole' or 'slide', got "
-                        f'{seg.inference!r}')
+    if seg.inference not in INFERENCE_MODES:
+        problems.append(f'config.segmentation.inference must be one of '
+                        f'{list(INFERENCE_MODES)}, got {seg.inference!r}')
+    if seg.inference == 'slide' and max(seg.slide_stride) > config.image_size:
+        problems.append(f'config.segmentation.slide_stride={tuple(seg.slide_stride)} leaves '
+                        f'pixels between the {config.image_size} px windows (image_size) '
+                        'unpredicted: use strides of at most the window')
     for key in ('scale', 'eval_scale', 'eval_canvas', 'eval_label_canvas', 'slide_stride',
                 'ratio_range'):
         value = seg[key]

@@ -157,10 +157,17 @@ def test_corrupt_images_fail_clearly_or_are_skipped(tmp_path):
     config = make_config('imagenet2012', tmp_path, augment=False)
     spec = pipeline.dataset_spec(config.dataset)
     batches = pipeline.GlobalBatches(pipeline.train_dataset(spec, config, 8),
-                                     batch_sharding(), 'imagenet2012 train')
+                                     batch_sharding(), 'imagenet2012 train', skippable=True)
     with pytest.raises(ValueError, match='skip_corrupt=True'):
         for _ in range(3):
             next(batches)
+    # Evaluation reads every example: skip_corrupt is not offered there.
+    evaluation = pipeline.GlobalBatches(pipeline.train_dataset(spec, config, 8),
+                                        batch_sharding(), 'imagenet2012 validation')
+    with pytest.raises(ValueError, match=r'^Reading imagenet2012 validation failed on a bad '
+                                         r'example \(e.g. a corrupt image\): [^{]*\.$'):
+        for _ in range(3):
+            next(evaluation)
     config.dataset.skip_corrupt = True
     batches = pipeline.GlobalBatches(pipeline.train_dataset(spec, config, 8), batch_sharding())
     assert next(batches)['image'].shape == (8, 28, 28, 3)

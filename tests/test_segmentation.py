@@ -245,7 +245,7 @@ def test_bad_masks_are_named_before_training(data_dir, tmp_path):
     spec = seg_data.dataset_spec(config, 11)
     image = encoded(np.zeros((6, 8, 3)))
     cases = {r'A mask \(segmentation_mask\) of another size than its image \(image\); .* '
-             r'sizes:\] \[6 7\] \[6 8\]\. Set config': np.zeros((6, 7, 1)),
+             r'sizes:\] \[6 7\] \[6 8\]\.$': np.zeros((6, 7, 1)),
              r'not one of the 11 classes .*The largest label:\] \[11\]': np.full((6, 8, 1), 11)}
     for message, mask in cases.items():
         example = {'image': image, 'segmentation_mask': encoded(mask)}
@@ -265,13 +265,19 @@ def test_bad_masks_are_named_before_training(data_dir, tmp_path):
     with pytest.raises(UserError, match='config.model.num_classes must be set for '
                                         'segmentation'):
         config_defaults.validate(tiny_config(data_dir, **{'model.num_classes': None}))
+    with pytest.raises(UserError, match=r'slide_stride=\(40, 8\) leaves pixels between the '
+                                        r'32 px windows'):
+        config_defaults.validate(tiny_config(data_dir, **{
+            'segmentation.inference': 'slide', 'segmentation.slide_stride': (40, 8)}))
 
 
 def test_segmentation_resumes_bit_identically(data_dir, tmp_path, monkeypatch):
-    # Evaluated rescaled (the logits resized back to the masks' size), on a 4x2 mesh.
+    # Evaluated by sliding windows over rescaled images, the logits resized back to the
+    # masks' size, on a 4x2 mesh.
     config = tiny_config(data_dir, steps=4, mesh=(('data', 4), ('fsdp', 2)), **{
         'segmentation.eval_scale': (48, 48), 'segmentation.eval_canvas': (48, 48),
-        'segmentation.eval_label_canvas': (64, 64)})
+        'segmentation.eval_label_canvas': (64, 64), 'segmentation.inference': 'slide',
+        'segmentation.slide_stride': (16, 16)})
     metrics = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
     assert {'eval/miou', 'eval/macc', 'eval/aacc', 'eval/loss'} <= set(metrics)
     with monkeypatch.context() as patch:

@@ -187,9 +187,7 @@ def dataset_spec(config) -> DatasetSpec:
     check_key(builder, config.image_key, 'image')
     check_key(builder, config.label_key, 'label')
     splits = builder.info.splits
-    eval_split = config.eval_split or next(
-        (s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
-    num_eval = split_examples(builder, eval_split, 'Set config.dataset.eval_split.')
+    eval_split, num_eval = eval_split_of(builder, config)
     label = builder.info.features[config.label_key]
     multi_label = isinstance(label, tfds.features.Sequence)
     class_label = label.feature if multi_label else label
@@ -199,6 +197,14 @@ def dataset_spec(config) -> DatasetSpec:
     return DatasetSpec(builder, config.train_split, eval_split, class_label.num_classes,
                        num_examples(splits, config.train_split) or 0, num_eval,
                        config.image_key, config.label_key, multi_label)
+
+
+def eval_split_of(builder, config) -> tuple[str, int]:
+    """The eval split of ``config`` (``config.dataset``; by default the dataset's
+    validation, else its test split) and its number of examples."""
+    split = config.eval_split or next(
+        (s for s in EVAL_SPLIT_CANDIDATES if s in builder.info.splits), None)
+    return split, split_examples(builder, split, 'Set config.dataset.eval_split.')
 
 
 def split_examples(builder, split: str | None, fix: str) -> int:
@@ -380,10 +386,11 @@ class GlobalBatches:
     """
 
     def __init__(self, dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
-                 description: str = 'dataset'):
+                 description: str = 'dataset', skippable: bool = False):
         self._iterator = dataset.as_numpy_iterator()
         self._sharding = sharding
         self._description = description
+        self._skippable = skippable  # config.dataset.skip_corrupt applies (train streams)
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
         return self
@@ -394,10 +401,10 @@ class GlobalBatches:
         except tf.errors.InvalidArgumentError as e:
             # TF prefixes the op's cause with the function it ran in: noise to a reader.
             cause = re.sub(r'\{\{[^}]*\}\}\s*', '', e.message.splitlines()[0])
-            raise UserError(
-                f'Reading {self._description} failed on a bad example (e.g. a corrupt '
-                f'image): {cause}. Set config.dataset.skip_corrupt=True to skip such '
-                'examples with a warning.') from None
+            skip = (' Set config.dataset.skip_corrupt=True to skip such examples with a '
+                    'warning.') if self._skippable else ''
+            raise UserError(f'Reading {self._description} failed on a bad example (e.g. a '
+                            f'corrupt image): {cause}.{skip}') from None
         return jax.tree.map(self._to_global, local)
 
     def _to_global(self, array: np.ndarray) -> jax.Array:

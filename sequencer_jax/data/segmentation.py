@@ -30,13 +30,10 @@ def dataset_spec(config, num_classes: int) -> pipeline.DatasetSpec:
     for key, what in ((config.dataset.image_key, 'image'), (config.dataset.label_key, 'label')):
         pipeline.check_key(builder, key, what)
     dcfg = config.dataset
-    splits = builder.info.splits
-    eval_split = dcfg.eval_split or next(
-        (s for s in pipeline.EVAL_SPLIT_CANDIDATES if s in splits), None)
-    num_eval = pipeline.split_examples(builder, eval_split, 'Set config.dataset.eval_split.')
-    return pipeline.DatasetSpec(builder, dcfg.train_split, eval_split, num_classes,
-                                pipeline.num_examples(splits, dcfg.train_split) or 0, num_eval,
-                                dcfg.image_key, dcfg.label_key)
+    eval_split, num_eval = pipeline.eval_split_of(builder, dcfg)
+    num_train = pipeline.num_examples(builder.info.splits, dcfg.train_split) or 0
+    return pipeline.DatasetSpec(builder, dcfg.train_split, eval_split, num_classes, num_train,
+                                num_eval, dcfg.image_key, dcfg.label_key)
 
 
 def decode(example, spec: pipeline.DatasetSpec, seg, check: bool = True
@@ -48,8 +45,10 @@ def decode(example, spec: pipeline.DatasetSpec, seg, check: bool = True
     image = transforms.to_rgb(tf.io.decode_image(example[spec.image_key], channels=0,
                                                  expand_animations=False))
     mask = example[spec.label_key]
-    if isinstance(spec.builder.info.features[spec.label_key], tfds.features.Image):
-        mask = tf.io.decode_image(mask, channels=0, expand_animations=False)[..., 0]
+    feature = spec.builder.info.features[spec.label_key]
+    if isinstance(feature, tfds.features.Image):  # 16-bit PNGs keep their labels unscaled
+        mask = tf.io.decode_image(mask, channels=0, dtype=tf.as_dtype(feature.dtype),
+                                  expand_animations=False)[..., 0]
     mask = tf.cast(mask, tf.int32)
     if seg.reduce_zero_label:
         mask = tf.where(mask == 0, seg.ignore_label, mask - 1)
@@ -239,7 +238,7 @@ def eval_dataset(spec: pipeline.DatasetSpec, config, local_batch: int, split: st
 def check_first_example(spec: pipeline.DatasetSpec, config) -> None:
     """Reads the first train example, so that a mask of the wrong size or with labels past
     the classes stops the run before any work, not at its first bad batch."""
-    for example in pipeline.read(spec, f'{spec.train_split}[:1]').take(1):
+    for example in pipeline.read(spec, spec.train_split).take(1):
         problem = mask_problem(*decode(example, spec, config.segmentation, check=False),
                                spec, config.segmentation)
         if problem:

@@ -19,7 +19,6 @@ from absl import flags
 from sequencer_jax import cli, config_defaults, storage
 from sequencer_jax.data import transforms
 from sequencer_jax.errors import UserError
-from sequencer_jax.models import segmentation as seg_models
 from sequencer_jax.train import tasks
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'eval images to draw', lower_bound=1)
@@ -57,13 +56,8 @@ def predictions(config, checkpoint_dir: str, num_images: int, use_ema: bool = Fa
 
     @jax.jit
     def predict(params, batch):
-        apply = lambda x: model.apply({'params': params}, x)  # noqa: E731
-        logits = seg_models.predict_logits(apply, batch['image'], batch['size'],
-                                           **tasks.inference_options(config))
-        if config.segmentation.eval_scale:
-            logits = seg_models.resized_to_labels(logits, batch['size'], batch['label_size'],
-                                                  batch['label'].shape[1:3])
-        return logits.argmax(-1)
+        return tasks.segmentation_logits(params, batch, model=model,
+                                         **task.logits_options()).argmax(-1)
 
     dataset, _ = task.eval_dataset(spec, min(num_images, 8))
     drawn = []

@@ -202,9 +202,10 @@ def resized_to_labels(logits: Array, sizes: Array, label_sizes: Array,
     return jax.vmap(one)(logits, sizes, label_sizes)
 
 
-def _num_windows(length, crop: int, stride: int):
-    """mmsegmentation's window count along a side of ``length`` (an int or an array)."""
-    return jnp.maximum(length - crop + stride - 1, 0) // stride + 1
+def _num_windows(length, crop, stride, maximum=max):
+    """mmsegmentation's window count along a side of ``length``: ints (``maximum=max``,
+    a static count) or arrays (``maximum=jnp.maximum``)."""
+    return maximum(length - crop + stride - 1, 0) // stride + 1
 
 
 def slide_logits(logits_fn, images: Array, sizes: Array, crop: Sequence[int],
@@ -214,22 +215,22 @@ def slide_logits(logits_fn, images: Array, sizes: Array, crop: Sequence[int],
     their logits averaged where they overlap.
 
     ``images [B, H, W, 3]`` are canvases whose top-left ``sizes [B, 2]`` (rows, columns)
-    hold the image, the rest padding; each image gets its own windows (a canvas smaller
-    than the crop is padded to it, as mmsegmentation pads the image), all windows of the
+    hold the image, the rest padding; each image gets its own windows, all windows of the
     batch are one call of ``logits_fn`` (``[N, *crop, 3] -> [N, *crop, K]``). Returns
-    logits ``[B, H, W, K]`` (0 outside each image).
+    logits ``[B, H, W, K]`` (0 outside each image). Where an image is smaller than the
+    crop, its window also holds padding (mmsegmentation runs the smaller crop as it is:
+    one shape for every window here).
     """
     crop, stride = tuple(crop), tuple(stride)
     b, h, w, _ = images.shape
     ph, pw = max(h, crop[0]), max(w, crop[1])
     images = jnp.pad(images, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)))
-    rows, cols = int(_num_windows(ph, crop[0], stride[0])), int(_num_windows(pw, crop[1],
-                                                                          stride[1]))
+    rows, cols = _num_windows(ph, crop[0], stride[0]), _num_windows(pw, crop[1], stride[1])
 
     def corners(size):
         """[rows * cols, 2] window corners and whether each is one of the image's."""
         limit = jnp.maximum(size - jnp.asarray(crop), 0)
-        counts = _num_windows(size, jnp.asarray(crop), jnp.asarray(stride))
+        counts = _num_windows(size, jnp.asarray(crop), jnp.asarray(stride), jnp.maximum)
         i, j = jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing='ij')
         top = jnp.minimum(i.reshape(-1) * stride[0], limit[0])
         left = jnp.minimum(j.reshape(-1) * stride[1], limit[1])
@@ -267,11 +268,15 @@ def predict_logits(logits_fn, images: Array, sizes: Array, mode: str = 'whole',
     or 'slide'.
 
     With test-time augmentation (``flip``: the mirrored images too; ``scales``: the
-    canvases resized by each factor, bilinear, the predictions resized back), the views'
-    softmax probabilities are averaged, as mmsegmentation's ``SegTTAModel`` does, and
-    their log is returned: the same argmax and the same log-probabilities as such
-    logits. A canvas is resized as a whole, so each image's last row and column blend
-    with the padding at scales other than 1.
+    canvases resized by each factor, bilinear, the predictions resized back to the
+    canvas), the views' softmax probabilities are averaged, as mmsegmentation's
+    ``SegTTAModel`` does, and their log is returned: the same argmax and the same
+    log-probabilities as such logits. Two differences: the factors scale the canvas (the
+    image as ``eval_scale`` rescaled it, as mmsegmentation 0.x's ``MultiScaleFlipAug``;
+    1.x resizes the original image by each), and the views are averaged at the canvas'
+    size, before any resizing to the labels' original size. A canvas is resized as a
+    whole, so each image's last row and column blend with the padding at scales other
+    than 1.
     """
     if mode not in INFERENCE_MODES:
         raise UserError(f'Unknown inference mode {mode!r}: use one of {list(INFERENCE_MODES)}.')

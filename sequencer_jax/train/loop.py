@@ -149,7 +149,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
 
         train_batches = pipeline.GlobalBatches(
             task.train_dataset(spec, local_batch, examples_read),
-            batch_sharding, f'{spec.builder.name} train')
+            batch_sharding, f'{spec.builder.name} train', skippable=True)
         writer = MetricWriter(workdir, start_step)
         stack.callback(writer.close)
         progress = Progress(config.progress, start_step, total_steps)
@@ -160,8 +160,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
                                           first_step=start_step, total_steps=total_steps)
         stack.callback(profiler.close)
         if jax.process_index() == 0:
-            task_name = ' with UperNet' if config.task == 'segmentation' else ''
-            print(f'Training {config.model.name}{task_name} ({model.num_classes} classes) on '
+            print(f'Training {task.describe()} ({model.num_classes} classes) on '
                   f'{spec.builder.name} for {total_steps} steps of {config.batch_size} images, '
                   f'mesh {dict(mesh.shape)}, workdir {workdir}', flush=True)
         if start_step >= total_steps:

@@ -153,10 +153,19 @@ def evaluate(params: Any, batches: Callable[[], tuple[Any, int]], eval_fn,
     totals into metrics (default: ``classification_metrics``). The sums are added on the
     host in 64 bits, so that counts of pixels over a split stay exact."""
     dataset, _ = batches()
-    totals = None
+    totals, pending = None, None
+
+    def add(totals, sums):
+        sums = jax.tree.map(_wide, jax.device_get(sums))
+        return sums if totals is None else jax.tree.map(np.add, totals, sums)
+
     for batch in dataset:
-        out = jax.tree.map(_wide, jax.device_get(eval_fn(params, batch)))
-        totals = out if totals is None else jax.tree.map(np.add, totals, out)
+        sums = eval_fn(params, batch)
+        if pending is not None:  # fetched one batch late: the device never waits for us
+            totals = add(totals, pending)
+        pending = sums
+    if pending is not None:
+        totals = add(totals, pending)
     return (summarise or classification_metrics)(totals)
 
 

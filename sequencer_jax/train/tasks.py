@@ -9,7 +9,8 @@ metrics and preemption know nothing of images' labels. A task supplies the rest:
 - ``train_step``: ``steps.train_step`` with the task's loss (and on-device batch
   transform) bound, to jit;
 - ``eval_step`` (one batch's sums) and ``summarise`` (a split's totals -> metrics);
-- ``summary(final)``: the line printed after training.
+- ``describe()`` (the model, for the log) and ``summary(final)``: the line printed after
+  training.
 
 ``config.task`` names it: 'classification' or 'segmentation'.
 """
@@ -26,7 +27,7 @@ import numpy as np
 from sequencer_jax import config_defaults, weights
 from sequencer_jax.data import pipeline, segmentation as seg_data
 from sequencer_jax.errors import UserError
-from sequencer_jax.models import layout, registry, segmentation as seg_models
+from sequencer_jax.models import layout, segmentation as seg_models
 from sequencer_jax.train import segmentation_metrics, steps
 
 
@@ -70,6 +71,9 @@ class Classification:
     def summarise(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
         return steps.classification_metrics(totals)
 
+    def describe(self) -> str:
+        return self.config.model.name
+
     def summary(self, final: dict[str, float]) -> str:
         line = f"Final eval: top-1 {final['eval/top1']:.4f}, top-5 {final['eval/top5']:.4f}"
         if 'eval_ema/top1' in final:
@@ -96,12 +100,12 @@ class Segmentation:
         return spec
 
     def model(self, spec: pipeline.DatasetSpec) -> seg_models.SequencerUperNet:
-        config = self.config
-        options = {k: v for k, v in config.model.args.to_dict().items() if v is not None}
-        dtype = config_defaults.DTYPES[config.compute_dtype]
-        backbone = registry.create_model(config.model.name, 0, dtype, **options)
+        backbone = config_defaults.model_from_config(self.config, 0)
         return seg_models.SequencerUperNet(backbone, spec.num_classes, self.seg.channels,
-                                           self.seg.aux_channels, dtype)
+                                           self.seg.aux_channels, backbone.dtype)
+
+    def describe(self) -> str:
+        return f'{self.config.model.name} with UperNet'
 
     def initial_params(self, model, fresh: Any) -> tuple[Any, str]:
         """``fresh`` with its backbone from ``config.init_from``: a classifier's weights
@@ -120,7 +124,8 @@ class Segmentation:
 
     def load(self, checkpoint_dir: str, use_ema: bool = False):
         """(model, params, spec) of a segmentation run's checkpoint, for evaluation: the
-        model of this config, checked to fit the checkpoint's parameters."""
+        model of this config, its backbone's blocks in the model's layout (``scan_blocks``),
+        checked to fit the checkpoint's parameters."""
         params, ema_params, _ = weights.load_params(checkpoint_dir)
         if use_ema:
             if ema_params is None:
@@ -128,6 +133,9 @@ class Segmentation:
             params = ema_params
         spec = seg_data.dataset_spec(self.config, self.config.model.num_classes)
         model = self.model(spec)
+        if 'backbone' in params:
+            params = dict(params) | {
+                'backbone': layout.match_layout(params['backbone'], model.backbone)}
         images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3))
         expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)['params']
         weights.check_params_fit(params, expected, checkpoint_dir, self.config,
@@ -149,9 +157,16 @@ class Segmentation:
                                  accum_steps=accum_steps)
 
     def eval_step(self, model):
-        return functools.partial(
-            segmentation_eval_step, model=model, ignore_label=self.seg.ignore_label,
-            inference=inference_options(self.config), rescaled=bool(self.seg.eval_scale))
+        return functools.partial(segmentation_eval_step, model=model,
+                                 ignore_label=self.seg.ignore_label,
+                                 **self.logits_options())
+
+    def logits_options(self) -> dict:
+        """Keyword arguments of ``segmentation_logits`` from ``config.segmentation``."""
+        seg = self.seg
+        return dict(rescaled=bool(seg.eval_scale), inference=dict(
+            mode=seg.inference, crop=(self.config.image_size,) * 2,
+            stride=tuple(seg.slide_stride), flip=seg.eval_flip, scales=tuple(seg.eval_scales)))
 
     def summarise(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
         pixels = max(float(totals['pixels']), 1.0)
@@ -164,14 +179,6 @@ class Segmentation:
         if 'eval_ema/miou' in final:
             line += f", EMA mIoU {final['eval_ema/miou']:.4f}"
         return line
-
-
-def inference_options(config) -> dict:
-    """Keyword arguments of ``predict_logits`` from ``config.segmentation``."""
-    seg = config.segmentation
-    return dict(mode=seg.inference, crop=(config.image_size,) * 2,
-                stride=tuple(seg.slide_stride), flip=seg.eval_flip,
-                scales=tuple(seg.eval_scales))
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int
@@ -201,6 +208,18 @@ def segmentation_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
     return loss, {'pixel_acc': hits / jnp.maximum(jnp.sum(valid), 1)}
 
 
+def segmentation_logits(params: Any, batch: dict[str, jax.Array], *, model, inference: dict,
+                        rescaled: bool) -> jax.Array:
+    """The logits ``[B, Hl, Wl, K]`` of an eval batch (see ``segmentation_eval_step``)
+    where its labels are: at the labels' original size when the images were ``rescaled``."""
+    apply = lambda x: model.apply({'params': params}, x, train=False)  # noqa: E731
+    logits = seg_models.predict_logits(apply, batch['image'], batch['size'], **inference)
+    if not rescaled:
+        return logits
+    return seg_models.resized_to_labels(logits, batch['size'], batch['label_size'],
+                                        batch['label'].shape[1:3])
+
+
 def segmentation_eval_step(params: Any, batch: dict[str, jax.Array], *, model,
                            ignore_label: int, inference: dict, rescaled: bool
                            ) -> dict[str, jax.Array]:
@@ -209,12 +228,9 @@ def segmentation_eval_step(params: Any, batch: dict[str, jax.Array], *, model,
     with ``label_size [B, 2]``, and ``mask [B]``; ``inference``: keyword arguments of
     ``predict_logits``. ``rescaled``: the images were rescaled (``eval_scale``), so their
     logits are resized to the labels' original sizes first."""
-    apply = lambda x: model.apply({'params': params}, x, train=False)  # noqa: E731
-    logits = seg_models.predict_logits(apply, batch['image'], batch['size'], **inference)
+    logits = segmentation_logits(params, batch, model=model, inference=inference,
+                                 rescaled=rescaled)
     labels = batch['label']
-    if rescaled:
-        logits = seg_models.resized_to_labels(logits, batch['size'], batch['label_size'],
-                                              labels.shape[1:3])
     num_classes = logits.shape[-1]
     loss_sum, valid = pixel_cross_entropy(logits, labels, ignore_label)
     valid = valid & (batch['mask'][:, None, None] > 0)
@@ -227,7 +243,5 @@ TASKS = {'classification': Classification, 'segmentation': Segmentation}
 
 
 def get_task(config):
-    """The task ``config.task`` names."""
-    if config.task not in TASKS:
-        raise UserError(f'Unknown config.task {config.task!r}: use one of {list(TASKS)}.')
+    """The task ``config.task`` names (``config_defaults.validate`` checked the name)."""
     return TASKS[config.task](config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sequencer_jax.data.builders.sklearn_digits import NUM_TRAIN
+from sequencer_jax.data.builders.sklearn_digits import split_digits
 
 SIZE = 64
 DIGITS_PER_CANVAS = 3
@@ -68,11 +68,7 @@ class DigitCanvases(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in NUM_CANVASES}
 
     def _generate_examples(self, split):
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        # The same permutation and split as sklearn_digits.
-        order = np.random.RandomState(0).permutation(len(digits.target))
-        order = order[:NUM_TRAIN] if split == 'train' else order[NUM_TRAIN:]
+        digits, order = split_digits(split)  # sklearn_digits' split
         rng = np.random.RandomState({'train': 1, 'test': 2}[split])
         for index in range(NUM_CANVASES[split]):
             image, mask = _canvas(rng, digits.images[order], digits.target[order])

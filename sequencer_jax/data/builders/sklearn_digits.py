@@ -14,6 +14,14 @@ import tensorflow_datasets as tfds
 NUM_TRAIN = 1437
 
 
+def split_digits(split: str):
+    """scikit-learn's digits and the indices of ``split`` ('train' or 'test') in them."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    order = np.random.RandomState(0).permutation(len(digits.target))
+    return digits, order[:NUM_TRAIN] if split == 'train' else order[NUM_TRAIN:]
+
+
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's handwritten digits as a TFDS image classification dataset."""
 
@@ -37,10 +45,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
                 'test': self._generate_examples('test')}
 
     def _generate_examples(self, split):
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        order = np.random.RandomState(0).permutation(len(digits.target))
-        order = order[:NUM_TRAIN] if split == 'train' else order[NUM_TRAIN:]
+        digits, order = split_digits(split)
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
         for index in order:
             yield int(index), {'image': images[index][:, :, None],
