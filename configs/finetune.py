@@ -66,12 +66,10 @@ def _set_task(config, task):
     else:
         raise UserError(f'Unknown fine-tuning task {task!r}; expected one of '
                          f'{sorted(TRANSFER) + ["imagenet392"]}.')
-    config.task = task
 
 
 def get_config(arg=None):
     config = config_defaults.base_config()
-    config.task = 'cifar10'
     config.model.args.scan_blocks = True
     config.requires_init_from = True
     config.log_every_steps = 50

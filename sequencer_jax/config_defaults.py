@@ -417,6 +417,8 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     except ValueError as e:
         raise UserError(f'{path} is not valid JSON ({e}); give the config file instead, '
                          'e.g. --config=configs/imagenet.py.') from None
+    if saved.get('task') not in TASK_METRICS:  # configs/finetune.py once kept its variant there
+        saved.pop('task', None)
     config = base_config()
     _overlay(config, saved, path)
     return config

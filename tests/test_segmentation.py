@@ -364,7 +364,7 @@ def test_evaluate_and_the_png_tool_take_a_segmentation_run(digits_run, tmp_path,
     with pytest.raises(UserError, match='--resolutions, --crop_pct and --plot are for '
                                         'classification'):
         run_cli(evaluate.main, f'--checkpoint={workdir}', '--resolutions=32')
-    run_cli(predictions.main, f'--checkpoint={workdir}', '--num_images=3',
+    run_cli(predictions.main, f'--checkpoint={workdir}', '--num_drawn=3',
             f'--output={tmp_path / "png"}')
     drawn = sorted((tmp_path / 'png').iterdir())
     assert [p.name for p in drawn] == ['0.png', '1.png', '2.png']

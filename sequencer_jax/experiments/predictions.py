@@ -1,9 +1,9 @@
 """Colour-coded predictions of a segmentation checkpoint, next to the image, as PNGs.
 
     python -m sequencer_jax.experiments.predictions --checkpoint=WORKDIR \
-        --num_images=8 --output=predictions/
+        --num_drawn=8 --output=predictions/
 
-For each of the first ``--num_images`` images of the eval split, ``<output>/<i>.png``
+For each of the first ``--num_drawn`` images of the eval split, ``<output>/<i>.png``
 shows the image, its label and the prediction side by side (the same colour for a class
 in both; black where the label is ignored). Without ``--config``, the workdir's own
 config is used; inference is ``config.segmentation``'s (whole or slide, flip).
@@ -21,7 +21,7 @@ from sequencer_jax.data import transforms
 from sequencer_jax.errors import UserError
 from sequencer_jax.train import tasks
 
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'eval images to draw', lower_bound=1)
+_NUM_DRAWN = flags.DEFINE_integer('num_drawn', 8, 'eval images to draw', lower_bound=1)
 for _name in ('config', 'checkpoint', 'output', 'ema'):
     flags.declare_key_flag(_name)
 DEFAULT_OUTPUT = 'predictions'
@@ -82,7 +82,7 @@ def main(argv) -> None:
                         'draws the predictions of a segmentation run.')
     config_defaults.validate(config, training=False)
     output = cli.output_file(cli.OUTPUT) or storage.output_file(DEFAULT_OUTPUT)
-    drawn, num_classes = predictions(config, cli.CHECKPOINT.value, _NUM_IMAGES.value,
+    drawn, num_classes = predictions(config, cli.CHECKPOINT.value, _NUM_DRAWN.value,
                                      cli.EMA.value)
     colours = palette(num_classes)
     output.mkdir(parents=True, exist_ok=True)
