@@ -17,7 +17,7 @@ from sequencer_jax.errors import UserError
 from sequencer_jax.experiments import predictions
 from sequencer_jax.models import segmentation as seg_models
 from sequencer_jax.train import loop, mesh as mesh_lib, preemption, segmentation_metrics
-from test_train import StopAfter, final_params, load_config, locked_with, losses
+from test_train import StopAfter, final_params, load_config, losses, short_run
 
 TINY_BACKBONE = dict(layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1),
                      embed_dims=(16, 24, 24, 24), hidden_sizes=(4, 6, 6, 6))
@@ -32,16 +32,9 @@ def tiny_config(data_dir, steps=4, **overrides):
     config = load_config('segmentation.py')
     config.model.args.update(**TINY_BACKBONE)
     config.segmentation.update(channels=16, aux_channels=8, eval_canvas=(64, 64))
-    config.dataset.data_dir = data_dir
     config.dataset.eval_split = 'test[:16]'  # compiles dominate; 16 canvases suffice
     config.image_size = 32
-    config.batch_size = 8
-    config.num_train_steps = steps
-    config.log_every_steps = 1
-    config.eval_every_steps = 1000
-    config.checkpoint_every_steps = 2
-    config.progress = 'lines'
-    return locked_with(config, overrides)
+    return short_run(config, data_dir, steps, 8, overrides)
 
 
 def direct_scores(labels, predictions, num_classes):

@@ -47,8 +47,15 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, steps=4, **overrides):
     config = load_config('default.py')
     config.model.args = TINY_MODEL
+    return short_run(config, data_dir, steps, 16, overrides)
+
+
+def short_run(config, data_dir, steps: int, batch_size: int, overrides):
+    """``config`` as the tests run it: ``steps`` of ``batch_size`` on ``data_dir``, every
+    step logged, a checkpoint every 2, evaluated at the end only; ``overrides`` (dotted
+    keys) set, then locked."""
     config.dataset.data_dir = data_dir
-    config.batch_size = 16
+    config.batch_size = batch_size
     config.num_train_steps = steps
     config.log_every_steps = 1
     config.eval_every_steps = 1000
