@@ -94,6 +94,7 @@ def test_benchmark_cli_rejects_bad_input(tmp_path, capsys):
         assert err.value.code == 1 and message in capsys.readouterr().err, argv
 
 
+@pytest.mark.slow
 def test_benchmark_grad_accumulation_cuts_the_train_steps_memory():
     """XLA's estimate of the train step's memory falls with 4 micro-batches."""
     estimates = []
@@ -161,6 +162,7 @@ def _assert_compiles_for(tmp_path, target, device_kind, platform):
         assert results['sequencer_jax'][part]['memory']['xla_estimate_mib'] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_compile_only_shows_remat_saving_memory(capsys):
     """--compile-only reports XLA's memory estimate without running; remat over scanned
     blocks must shrink the train step's (what lets sequencer2d_l fit at batch 64)."""

@@ -171,6 +171,7 @@ def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, data
             np.testing.assert_array_equal(f[key], 2 * value)
 
 
+@pytest.mark.slow
 def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     workdir = tmp_path / 'resumed'
     shutil.copytree(trained, workdir)
@@ -279,6 +280,7 @@ def test_erf_of_vertical_only_model_is_its_column(tmp_path):
     assert shown.max() == pytest.approx(1.0) and shown.min() == 0
 
 
+@pytest.mark.slow
 def test_erf_cli(trained, data_dir, tmp_path):
     result = _run(['sequencer_jax.experiments.erf', '--config=configs/default.py',
                    f'--checkpoint={trained}', f'--config.dataset.data_dir={data_dir}',

@@ -271,7 +271,7 @@ def test_bfloat16_compute_keeps_float32_params():
     np.testing.assert_allclose(out, ref, atol=5e-2)
 
 
-@pytest.mark.parametrize('scan_blocks', [False, True])
+@pytest.mark.parametrize('scan_blocks', [pytest.param(False, marks=pytest.mark.slow), True])
 def test_bfloat16_training_keeps_bfloat16_activations(scan_blocks):
     """Under scan_blocks drop path's rate is a traced float32; it used to promote the
     bfloat16 activations, which broke nn.scan's carry: bfloat16 training crashed."""

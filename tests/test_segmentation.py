@@ -264,6 +264,7 @@ def test_bad_masks_are_named_before_training(data_dir, tmp_path):
             'segmentation.inference': 'slide', 'segmentation.slide_stride': (40, 8)}))
 
 
+@pytest.mark.slow
 def test_segmentation_resumes_bit_identically(data_dir, tmp_path, monkeypatch):
     # Evaluated by sliding windows over rescaled images, the logits resized back to the
     # masks' size, on a 4x2 mesh.
@@ -286,6 +287,7 @@ def test_segmentation_resumes_bit_identically(data_dir, tmp_path, monkeypatch):
                  final_params(tmp_path / 'resumed'))
 
 
+@pytest.mark.slow
 def test_backbone_comes_from_a_classification_run(data_dir, tmp_path, capsys):
     classifier = load_config('default.py')
     classifier.model.args.update(**TINY_BACKBONE)

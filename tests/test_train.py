@@ -211,7 +211,7 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
                  final_params(tmp_path / 'resumed'))
 
 
-@pytest.mark.parametrize('first', [False, True])
+@pytest.mark.parametrize('first', [pytest.param(False, marks=pytest.mark.slow), True])
 def test_resume_with_scan_blocks_switched_goes_on_as_before(data_dir, tmp_path, capsys, first):
     """Params, EMA and both Adam moments are converted between the unrolled and the
     scanned block layouts: the steps after the checkpoint repeat the unswitched run's."""
@@ -266,6 +266,7 @@ def test_sigterm_or_a_first_ctrl_c_sets_the_stop_flag(capsys):
         flag.restore()
 
 
+@pytest.mark.slow
 def test_restore_on_fewer_devices_and_corrupt_latest_fallback(data_dir, tmp_path, capsys):
     workdir = str(tmp_path / 'run')
     loop.train_and_evaluate(tiny_config(data_dir, steps=4, mesh=[('data', 1), ('fsdp', 8)]),
@@ -350,6 +351,7 @@ def test_non_finite_loss_stops_with_the_step_and_says_what_is_kept(data_dir, tmp
     assert checkpoint.open_read_only(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_save_stops_training_and_the_rerun_resumes(data_dir, tmp_path,
                                                                        monkeypatch, capsys):
     """A save fails in the background (here its final rename, as on a full disk): training

@@ -59,8 +59,8 @@ def test_a_second_trainer_on_a_live_workdir_refuses_and_touches_nothing(data_dir
 
 @pytest.mark.parametrize('age_s, job, here, said', [
     (lease_lib.STALE_AFTER_S + 5, None, False, r'stopped renewing its lease 1\d\d s ago'),
-    (5, '77', False, None),  # the same SLURM job, requeued: its own lease
-    (5, None, True, None)])  # a process of this host that is gone: killed, rerun at once
+    pytest.param(5, '77', False, None, marks=pytest.mark.slow),  # same SLURM job
+    pytest.param(5, None, True, None, marks=pytest.mark.slow)])  # gone: killed, rerun
 def test_a_stale_lease_or_one_of_the_same_job_is_taken_over(data_dir, tmp_path, capsys,
                                                             monkeypatch, age_s, job, here, said):
     monkeypatch.setenv('SLURM_JOB_ID', '77')
