@@ -156,8 +156,8 @@ def test_fused_axes_equal_separate_scans(timm_fixture):
 def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectional, union):
     """The default in-place ('natural', custom derivative) recurrence and the fused Pallas
     kernels (interpreted on CPU) against the reference nn.scan path, with both axes in one
-    recurrence or in two, square and non-square: values, gradients and (but for Pallas)
-    forward-mode derivatives."""
+    recurrence or in two, square and non-square: values, gradients and forward-mode
+    derivatives (Pallas: its tangent kernel)."""
     reference = sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
                            recurrence='scan', fuse_axes=False)
     variants = [sj.BiRNN2D(6, cell=cell, bidirectional=bidirectional, union=union,
@@ -168,9 +168,8 @@ def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectio
     @jax.jit  # one compilation of every path: much faster than running them eagerly
     def outputs_and_derivatives(variables, x, tangents):
         loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
-        # Forward mode w.r.t. weights and input; the Pallas kernels are reverse-only.
+        # Forward mode w.r.t. weights and input.
         return [(m.apply(variables, x), jax.grad(loss(m), argnums=(0, 1))(variables, x),
-                 None if m.recurrence == 'pallas' else
                  jax.jvp(lambda v, x: m.apply(v, x), (variables, x), tangents)[1])
                 for m in [reference] + variants]
 
@@ -185,8 +184,7 @@ def test_fast_recurrence_equals_the_nn_scan_path_with_gradients(cell, bidirectio
             np.testing.assert_allclose(y, expected, atol=1e-6)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                          grads, g_expected)
-            if tangent is not None:
-                np.testing.assert_allclose(tangent, t_expected, atol=1e-5)
+            np.testing.assert_allclose(tangent, t_expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('cell', ['lstm', 'gru'])

@@ -113,8 +113,9 @@ def test_forward_and_backward_lower_to_triton_kernels_for_a_gpu(cell):
 @pytest.mark.parametrize('cell', recurrent.CELL_TYPES)
 def test_tpu_form_interpreted_equals_the_scan_path(cell, monkeypatch):
     """The TPU form (one step per program, the carry in VMEM scratch, time reversed by
-    the index maps) in Pallas' TPU interpreter on CPU: values and gradients, with a VMEM
-    budget so small that each recurrence takes 4 (forward) and 8 (backward) blocks."""
+    the index maps) in Pallas' TPU interpreter on CPU: values, gradients and the tangent
+    kernel (jax.jvp w.r.t. the input), with a VMEM budget so small that each
+    recurrence takes 4 (forward) and 8 (backward) blocks."""
     monkeypatch.setattr(pallas_recurrence, '_on_platform', lambda loop_call, step_call:
                         step_call(interpret=pl_tpu.InterpretParams()))
     monkeypatch.setattr(pallas_recurrence, '_TPU_VMEM_BUDGET', 16384)
@@ -124,6 +125,10 @@ def test_tpu_form_interpreted_equals_the_scan_path(cell, monkeypatch):
     (y, grads), (y_ref, grads_ref) = _outputs_and_grads((fused, reference), variables, x)
     _assert_close(y, y_ref, 1e-5, 1e-6)
     _assert_close(grads, grads_ref, 1e-5, 1e-6)
+    dx = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    tangent, tangent_ref = (jax.jvp(lambda x: m.apply(variables, x), (x,), (dx,))[1]
+                            for m in (fused, reference))
+    _assert_close(tangent, tangent_ref, 1e-5, 1e-6)
 
 
 def test_tpu_blocks_fit_vmem():

@@ -8,8 +8,11 @@ only its input gates. The backward kernel runs the steps in reverse, recomputes 
 step's gates from the saved carries and differentiates ``Cell.step_gates`` (the same
 formulas as the XLA paths) with ``jax.vjp``; the weight gradient
 ``sum_t h_{t-1}^T dgates_t`` is left to one large XLA matmul after the kernel, where it
-runs at GEMM speed. One step's arithmetic (``_step_forward``, ``_step_backward``) is
-shared by two program forms:
+runs at GEMM speed. Forward mode has its own kernel: the tangent kernel runs the steps
+forwards and pushes tangents through ``Cell.step_gates`` with ``jax.jvp``; reverse mode
+transposes that linear map into the backward kernel (``_LinearisedRecurrence``). One
+step's arithmetic (``_step_forward``, ``_step_backward``, ``_step_tangent``) is shared by
+two program forms:
 
 * GPUs (Triton): a grid ``(K, N / block)`` of programs that run concurrently, each
   looping over all T steps of its ``block`` sequences. Triton needs power-of-two block
@@ -43,7 +46,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
+from jax.experimental import hijax, pallas as pl
 from jax.experimental.pallas import tpu as pl_tpu
 from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import PartitionSpec
@@ -80,11 +83,15 @@ def _time_index(k: Array, s: Array, length: int, reverse: Sequence[bool]) -> Arr
     return jnp.where(functools.reduce(jnp.logical_or, flipped), length - 1 - s, s)
 
 
+def _matmuls(h: Array, w_ref, dtype: Any) -> list[Array]:
+    """``h @ W_hh`` per gate: [bn, Dp] each."""
+    return [jnp.dot(h.astype(dtype), w_ref[q].astype(dtype),
+                    preferred_element_type=jnp.float32) for q in range(w_ref.shape[0])]
+
+
 def _recurrent_gates(h: Array, w_ref, b_hh_ref, dtype: Any) -> list[Array]:
     """``h @ W_hh + b_hh`` per gate: [bn, Dp] each."""
-    return [jnp.dot(h.astype(dtype), w_ref[q].astype(dtype),
-                    preferred_element_type=jnp.float32) + b_hh_ref[q]
-            for q in range(w_ref.shape[0])]
+    return [m + b_hh_ref[q] for q, m in enumerate(_matmuls(h, w_ref, dtype))]
 
 
 def _gate_slice(q: int, dp: int) -> slice:
@@ -92,12 +99,16 @@ def _gate_slice(q: int, dp: int) -> slice:
     return slice(q * dp, (q + 1) * dp)
 
 
+def _gates_at(ref, at: tuple, num_gates: int, dp: int) -> list[Array]:
+    """Each gate's part of ``ref[at]`` ([bn, G*Dp]): [bn, Dp] each. Slices of the ref, not
+    of a loaded value: Triton cannot slice values."""
+    return [ref[(*at, slice(None), _gate_slice(q, dp))] for q in range(num_gates)]
+
+
 def _input_gates(gx_ref, b_ih_ref, at: tuple) -> list[Array]:
-    """``gx + b_ih`` per gate from ``gx_ref[at]`` ([bn, G*Dp]): [bn, Dp] each. Slices of
-    the ref, not of a loaded value: Triton cannot slice values."""
+    """``gx + b_ih`` per gate from ``gx_ref[at]`` ([bn, G*Dp]): [bn, Dp] each."""
     num_gates, _, dp = b_ih_ref.shape
-    return [gx_ref[(*at, slice(None), _gate_slice(q, dp))] + b_ih_ref[q]
-            for q in range(num_gates)]
+    return [x + b_ih_ref[q] for q, x in enumerate(_gates_at(gx_ref, at, num_gates, dp))]
 
 
 def _step_forward(cell: Cell, dtype: Any, weight_refs, gx_ref, at: tuple, carry):
@@ -133,6 +144,38 @@ def _step_backward(cell: Cell, dtype: Any, weight_refs, gx_ref, at: tuple, prev,
     return (d_h,) + tuple(d_prev[1:])
 
 
+def _step_tangent(cell: Cell, dtype: Any, weight_refs, gx_ref, at: tuple, prev, d_prev,
+                  d_gx_ref, d_gh_ref):
+    """The tangent of one step: its output carry's from ``d_prev`` (the tangent of its
+    input carry ``prev``) and the step's gate tangents ``d_gx_ref[at]`` (of gx + b_ih)
+    and ``d_gh_ref[at]`` (of the weights' part, h_prev @ dW_hh + db_hh) [bn, G*Dp];
+    the part d_h_prev @ W_hh is added here."""
+    w_ref, b_ih_ref, b_hh_ref = weight_refs
+    num_gates, _, dp = b_ih_ref.shape
+    gx = _input_gates(gx_ref, b_ih_ref, at)
+    gh = _recurrent_gates(prev[0], w_ref, b_hh_ref, dtype)
+    d_gx = _gates_at(d_gx_ref, at, num_gates, dp)
+    d_gh = [d + m for d, m in zip(_gates_at(d_gh_ref, at, num_gates, dp),
+                                  _matmuls(d_prev[0], w_ref, dtype))]
+    return jax.jvp(lambda c, x, h: cell.step_gates(c, x, h)[0], (prev, gx, gh),
+                   (d_prev, d_gx, d_gh))[1]
+
+
+def _previous(carry_refs, k: Array, s: Array, length: int, reverse: Sequence[bool]):
+    """The input carry of processing step s, from the forward's carries [T, bn, Dp]:
+    the step before's output (zero at the first step)."""
+    t_prev = _time_index(k, jnp.maximum(s - 1, 0), length, reverse)
+    return tuple(jnp.where(s > 0, ref[t_prev], 0.0) for ref in carry_refs)
+
+
+def _zero_state_at_first_step(state_refs) -> None:
+    """TPU form: the scratch carried across steps starts at zero."""
+    @pl.when(pl.program_id(2) == 0)
+    def _start():
+        for ref in state_refs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+
 def _forward_loop_kernel(*refs, cell, reverse, dtype):
     """GPU form: all T steps of one (recurrence, block) program. Refs: the three weights,
     gx [T, bn, G*Dp], then the outputs: every step's carry [T, bn, Dp]."""
@@ -163,11 +206,32 @@ def _backward_loop_kernel(*refs, cell, reverse, dtype):
     def step(i, d_carry):
         s = length - 1 - i
         t = _time_index(k, s, length, reverse)
-        t_prev = _time_index(k, jnp.maximum(s - 1, 0), length, reverse)
-        prev = tuple(jnp.where(s > 0, ref[t_prev], 0.0) for ref in carry_refs)
         d_carry = (d_carry[0] + d_hs_ref[t],) + tuple(d_carry[1:])
-        return _step_backward(cell, dtype, weight_refs, gx_ref, (t,), prev, d_carry,
+        return _step_backward(cell, dtype, weight_refs, gx_ref, (t,),
+                              _previous(carry_refs, k, s, length, reverse), d_carry,
                               d_gate_refs)
+
+    zeros = jnp.zeros((bn, dp), jnp.float32)
+    jax.lax.fori_loop(0, length, step, (zeros,) * n_carry)
+
+
+def _tangent_loop_kernel(*refs, cell, reverse, dtype):
+    """GPU form, tangent: the steps forward. Refs: the three weights, gx, the forward's
+    carries, the gates' tangents (see ``_step_tangent``) [T, bn, G*Dp]; outputs the hidden
+    states' tangent [T, bn, Dp]."""
+    n_carry = cell.num_carries
+    weight_refs, gx_ref, carry_refs = refs[:3], refs[3], refs[4:4 + n_carry]
+    d_gx_ref, d_gh_ref, d_hs_ref = refs[4 + n_carry:]
+    length, bn, dp = d_hs_ref.shape
+    k = pl.program_id(0)
+
+    def step(s, d_carry):
+        t = _time_index(k, s, length, reverse)
+        d_carry = _step_tangent(cell, dtype, weight_refs, gx_ref, (t,),
+                                _previous(carry_refs, k, s, length, reverse), d_carry,
+                                d_gx_ref, d_gh_ref)
+        d_hs_ref[t] = d_carry[0]
+        return d_carry
 
     zeros = jnp.zeros((bn, dp), jnp.float32)
     jax.lax.fori_loop(0, length, step, (zeros,) * n_carry)
@@ -181,11 +245,7 @@ def _forward_step_kernel(*refs, cell, dtype):
     weight_refs, gx_ref = refs[:3], refs[3]
     carry_refs, state_refs = refs[4:4 + n_carry], refs[4 + n_carry:]
 
-    @pl.when(pl.program_id(2) == 0)
-    def _start():
-        for ref in state_refs:
-            ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
+    _zero_state_at_first_step(state_refs)
     carry = _step_forward(cell, dtype, weight_refs, gx_ref, (),
                           tuple(ref[...] for ref in state_refs))
     for out, state, value in zip(carry_refs, state_refs, carry):
@@ -201,19 +261,31 @@ def _backward_step_kernel(*refs, cell, dtype):
     weight_refs, gx_ref, prev_refs = refs[:3], refs[3], refs[4:4 + n_carry]
     d_hs_ref, d_gate_refs = refs[4 + n_carry], refs[5 + n_carry:-n_carry]
     state_refs = refs[-n_carry:]
-    i = pl.program_id(2)
-
-    @pl.when(i == 0)
-    def _start():
-        for ref in state_refs:
-            ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
-    first_step = i == pl.num_programs(2) - 1  # its input carry is zero
+    _zero_state_at_first_step(state_refs)
+    first_step = pl.program_id(2) == pl.num_programs(2) - 1  # its input carry is zero
     prev = tuple(jnp.where(first_step, 0.0, ref[...]) for ref in prev_refs)
     d_carry = ((state_refs[0][...] + d_hs_ref[...],)
                + tuple(ref[...] for ref in state_refs[1:]))
     d_prev = _step_backward(cell, dtype, weight_refs, gx_ref, (), prev, d_carry, d_gate_refs)
     for ref, value in zip(state_refs, d_prev):
+        ref[...] = value
+
+
+def _tangent_step_kernel(*refs, cell, dtype):
+    """TPU form, tangent: step ``program_id(2)``. Refs: the three weights, this step's gx,
+    the previous step's carries, this step's gate tangents; outputs this step's hidden
+    tangent; scratch: the carry's tangent."""
+    n_carry = cell.num_carries
+    weight_refs, gx_ref, prev_refs = refs[:3], refs[3], refs[4:4 + n_carry]
+    d_gx_ref, d_gh_ref, d_hs_ref = refs[4 + n_carry:7 + n_carry]
+    state_refs = refs[7 + n_carry:]
+    _zero_state_at_first_step(state_refs)
+    first_step = pl.program_id(2) == 0  # its input carry is zero
+    prev = tuple(jnp.where(first_step, 0.0, ref[...]) for ref in prev_refs)
+    d_carry = _step_tangent(cell, dtype, weight_refs, gx_ref, (), prev,
+                            tuple(ref[...] for ref in state_refs), d_gx_ref, d_gh_ref)
+    d_hs_ref[...] = d_carry[0]
+    for ref, value in zip(state_refs, d_carry):
         ref[...] = value
 
 
@@ -346,19 +418,40 @@ def _launch(loop_kernel, step_kernel, backward, cell, reverse, dtype, block, mes
     return _per_shard(mesh, kernels, weights, sequences)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _fused(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
-    return _fused_fwd(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh)[0]
+def _forward(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh) -> tuple[Array, ...]:
+    """Every step's carry: [T, K, Np, Dp] per carry array."""
+    return tuple(_launch(_forward_loop_kernel, _forward_step_kernel, False, cell, reverse,
+                         dtype, block, mesh, (w_hh, b_ih, b_hh), (gx,), (False,),
+                         [w_hh.shape[-1]] * cell.num_carries))
 
 
-def _fused_fwd(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
-    carries = _launch(_forward_loop_kernel, _forward_step_kernel, False, cell, reverse, dtype,
-                      block, mesh, (w_hh, b_ih, b_hh), (gx,), (False,),
-                      [w_hh.shape[-1]] * cell.num_carries)
-    return carries[0], (gx, w_hh, b_ih, b_hh, tuple(carries))
+def _previous_hidden(hs: Array, reverse: Sequence[bool]) -> Array:
+    """Each step's input hidden state [T, K, Np, Dp]: the previous step's output in
+    processing order (zero at the first)."""
+    zero = jnp.zeros_like(hs[:1])
+    flip = jnp.asarray(reverse)[None, :, None, None]
+    return jnp.where(flip, jnp.concatenate([hs[1:], zero]), jnp.concatenate([zero, hs[:-1]]))
 
 
-def _fused_bwd(cell, reverse, dtype, block, mesh, residuals, d_hs):
+def _tangent(cell, reverse, dtype, block, mesh, residuals, tangents) -> Array:
+    """The hidden states' tangent from those of (gx, w_hh, b_ih, b_hh): the tangent
+    kernel, after one large XLA matmul for the weights' part h_prev @ dW_hh."""
+    gx, w_hh, b_ih, b_hh, carries = residuals
+    d_gx, d_w_hh, d_b_ih, d_b_hh = tangents
+    k, g, _, dp = w_hh.shape
+    on_gate_axis = lambda b: b.reshape(k, 1, g * dp)  # noqa: E731  [K, G, 1, Dp]
+    d_gh = jnp.einsum('tknd,kqde->tknqe', _previous_hidden(carries[0], reverse).astype(dtype),
+                      d_w_hh.astype(dtype), preferred_element_type=jnp.float32)
+    (d_hs,) = _launch(_tangent_loop_kernel, _tangent_step_kernel, False, cell, reverse, dtype,
+                      block, mesh, (w_hh, b_ih, b_hh),
+                      (gx, *carries, d_gx + on_gate_axis(d_b_ih),
+                       d_gh.reshape(d_gx.shape) + on_gate_axis(d_b_hh)),
+                      (False,) + (True,) * len(carries) + (False, False), [dp])
+    return d_hs
+
+
+def _backward(cell, reverse, dtype, block, mesh, residuals, d_hs):
+    """The transpose of ``_tangent``: the cotangents of (gx, w_hh, b_ih, b_hh)."""
     gx, w_hh, b_ih, b_hh, carries = residuals
     # The GRU's two gate sides differ (r scales gh's n gate), so gh gets its own cotangent.
     d_gates = _launch(_backward_loop_kernel, _backward_step_kernel, True, cell, reverse,
@@ -366,15 +459,8 @@ def _fused_bwd(cell, reverse, dtype, block, mesh, residuals, d_hs):
                       (False,) + (True,) * len(carries) + (False,),
                       [gx.shape[-1]] * (2 if cell.name == 'gru' else 1))
     d_gx, d_gh = d_gates[0], d_gates[-1]
-    # Each step's input hidden state: the previous step's output in processing order.
-    hs = carries[0]
-    zero = jnp.zeros_like(hs[:1])
-    forward_prev = jnp.concatenate([zero, hs[:-1]])
-    reverse_prev = jnp.concatenate([hs[1:], zero])
-    flip = jnp.asarray(reverse)[None, :, None, None]
-    h_prev = jnp.where(flip, reverse_prev, forward_prev)
     k, g, _, dp = w_hh.shape
-    d_w_hh = jnp.einsum('tknd,tknqe->kqde', h_prev.astype(dtype),
+    d_w_hh = jnp.einsum('tknd,tknqe->kqde', _previous_hidden(carries[0], reverse).astype(dtype),
                         d_gh.reshape(*d_gh.shape[:3], g, dp).astype(dtype),
                         preferred_element_type=jnp.float32)
     d_b_ih, d_b_hh = (d.sum((0, 2)).reshape(k, g, 1, dp) for d in (d_gx, d_gh))
@@ -382,7 +468,43 @@ def _fused_bwd(cell, reverse, dtype, block, mesh, residuals, d_hs):
                                                      (d_b_hh, b_hh)))
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+class _LinearisedRecurrence(hijax.VJPHiPrimitive):
+    """The recurrence's tangent map, linear in the tangents of (gx, w_hh, b_ih, b_hh):
+    forward mode evaluates it with the tangent kernel (``_tangent``), reverse mode
+    transposes it into the backward kernel (``_backward``). JAX's ``custom_jvp`` and
+    ``custom_vjp`` exclude each other, and ``custom_derivatives.linear_call`` has no
+    batching rule, which ``jacfwd`` and ``jacrev`` need."""
+
+    def __init__(self, options: tuple, residuals, tangents):
+        self.in_avals = jax.tree.map(jax.typeof, (residuals, tangents))
+        self.out_aval = jax.typeof(residuals[-1][0])
+        self.params = dict(options=options)
+        super().__init__()
+
+    def expand(self, residuals, tangents):
+        return _tangent(*self.options, residuals, tangents)
+
+    def transpose(self, d_hs, residuals, accumulators):
+        cotangents = _backward(*self.options, residuals, hijax.instantiate_zeros(d_hs))
+        for accumulator, cotangent in zip(accumulators, cotangents):
+            if not isinstance(accumulator, jax.Array):  # a tangent, not a known value
+                accumulator.accum(cotangent)
+
+    def batch_dim_rule(self, axis_data, dims):
+        return 0 if any(d is not None for d in jax.tree.leaves(dims)) else None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fused(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh):
+    return _forward(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh)[0]
+
+
+@_fused.defjvp
+def _fused_jvp(cell, reverse, dtype, block, mesh, primals, tangents):
+    carries = _forward(cell, reverse, dtype, block, mesh, *primals)
+    residuals, tangents = (*primals, carries), tuple(tangents)
+    linearised = _LinearisedRecurrence((cell, reverse, dtype, block, mesh), residuals, tangents)
+    return carries[0], linearised(residuals, tangents)
 
 
 def _pad_to(x: Array, axis: int, size: int) -> Array:
