@@ -199,3 +199,20 @@ def test_clear_errors():
         pallas_recurrence.run_recurrence_pallas(gx, weights, cell, (False,))
     with pytest.raises(ValueError, match="Unknown recurrence 'cudnn'"):
         sj.BiRNN2D(8, recurrence='cudnn')
+
+
+def test_jacfwd_and_per_example_gradients_equal_the_scan_path():
+    """jax.jacfwd (a vmap of the tangent kernel) and vmap of grad (per-example gradients:
+    the backward kernel under vmap) through the GPU form, interpreted on CPU."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 8))
+    fused, reference = (sj.BiRNN2D(6, recurrence=r) for r in ('pallas', 'scan'))
+    variables = reference.init(jax.random.PRNGKey(1), x)
+
+    def derivatives(model):
+        loss = lambda x: jnp.sum(jnp.sin(model.apply(variables, x[None])))  # noqa: E731
+        jacobian = jax.jacfwd(lambda row: model.apply(variables, x.at[1, 2].set(row)))
+        return jax.jit(jacobian)(x[1, 2]), jax.jit(jax.vmap(jax.grad(loss)))(x)
+
+    expected = derivatives(reference)
+    assert np.abs(expected[0]).max() > 1e-2
+    _assert_close(derivatives(fused), expected, 1e-6)
