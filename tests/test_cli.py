@@ -218,6 +218,7 @@ def test_help_lists_the_tools_flags_and_exits_0(module, listed):
         assert '--batch_size' not in result.stdout and '--model:' not in result.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_times_a_checkpoint_and_what_its_checksums_add(tmp_path, capsys):
     results = run_cli(benchmark.main, '--model=sequencer2d_s', '--batch_size=1',
                       '--image_size=28', '--num_classes=5', '--reps=2', '--warmup=0',

@@ -618,6 +618,7 @@ def test_out_of_memory_errors_say_what_to_change():
         loop._run(failing_step(other), None, None, None)
 
 
+@pytest.mark.slow
 def test_input_wait_is_the_share_of_time_spent_waiting_for_batches(data_dir, tmp_path,
                                                                     monkeypatch):
     def input_waits(workdir):
