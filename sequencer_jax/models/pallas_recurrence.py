@@ -491,7 +491,8 @@ class _LinearisedRecurrence(hijax.VJPHiPrimitive):
                 accumulator.accum(cotangent)
 
     def batch_dim_rule(self, axis_data, dims):
-        return 0 if any(d is not None for d in jax.tree.leaves(dims)) else None
+        # Unbatched inputs have dim None, which jax.tree.leaves drops.
+        return 0 if jax.tree.leaves(dims) else None
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
