@@ -398,11 +398,27 @@ def _devices_over(mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes) if axes else 1
 
 
+def _fold_batch(x: Array, batched: bool, size: int, axis: int) -> Array:
+    """``x`` [B, ...] (broadcast to B copies when not ``batched``) with B folded into
+    ``axis`` of the unbatched shape, batch-major: [T, K, N, C] at axis 2 -> [T, K, B*N, C]."""
+    x = jnp.moveaxis(x if batched else jnp.broadcast_to(x, (size, *x.shape)), 0, axis)
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+
+
+def _unfold_batch(x: Array, size: int, axis: int) -> Array:
+    """The inverse of ``_fold_batch``: B split out of ``axis`` to the front."""
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], size, -1, *x.shape[axis + 1:]), axis, 0)
+
+
 def _launch(loop_kernel, step_kernel, backward, cell, reverse, dtype, block, mesh, weights,
             sequences, at_previous_step, out_widths):
     """Runs the GPU form ``loop_kernel`` or the TPU form ``step_kernel`` (``_on_platform``)
     on each device's sequences (``_per_shard``): one [T, K, Np, width] float32 output per
-    ``out_widths``; the TPU form keeps one scratch array per carry array."""
+    ``out_widths``; the TPU form keeps one scratch array per carry array.
+
+    Under ``jax.vmap`` the mapped axis is folded into the sequences (shared weights) or
+    the recurrences (per-example weights) of one launch: Pallas' own batching rule adds
+    a grid axis that the TPU form's ``dimension_semantics`` does not name."""
     loop = functools.partial(loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
     step = functools.partial(step_kernel, cell=cell, dtype=dtype)
 
@@ -415,7 +431,24 @@ def _launch(loop_kernel, step_kernel, backward, cell, reverse, dtype, block, mes
                                          out_shapes, reverse, backward, cell.num_carries,
                                          **options))
 
-    return _per_shard(mesh, kernels, weights, sequences)
+    @jax.custom_batching.custom_vmap
+    def launch(weights, sequences):
+        return tuple(_per_shard(mesh, kernels, weights, sequences))
+
+    @launch.def_vmap
+    def fold_batch(size, in_batched, weights, sequences):
+        per_example_weights = any(in_batched[0])
+        axis = 1 if per_example_weights else 2
+        if per_example_weights:
+            weights = tuple(_fold_batch(w, b, size, 0) for w, b in zip(weights, in_batched[0]))
+        sequences = tuple(_fold_batch(x, b, size, axis)
+                          for x, b in zip(sequences, in_batched[1]))
+        outs = _launch(loop_kernel, step_kernel, backward, cell,
+                       reverse * size if per_example_weights else reverse, dtype, block,
+                       mesh, weights, sequences, at_previous_step, out_widths)
+        return tuple(_unfold_batch(o, size, axis) for o in outs), (True,) * len(outs)
+
+    return launch(tuple(weights), tuple(sequences))
 
 
 def _forward(cell, reverse, dtype, block, mesh, gx, w_hh, b_ih, b_hh) -> tuple[Array, ...]:
