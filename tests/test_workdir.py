@@ -57,6 +57,46 @@ def test_a_second_trainer_on_a_live_workdir_refuses_and_touches_nothing(data_dir
     assert after == before  # metrics.jsonl, checkpoints and config.json untouched
 
 
+_ENTER_THE_LEASE = """
+import sys, jax
+from etils import epath
+from sequencer_jax.train import lease
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+try:
+    with lease.Lease(epath.Path(sys.argv[3])):
+        print('entered')
+except Exception as e:
+    print(f'{type(e).__name__}: {e}')
+"""
+
+
+@pytest.mark.parametrize('in_use', [True, False])
+def test_every_process_of_a_job_stops_when_process_0_cannot_take_the_workdir(tmp_path,
+                                                                              in_use):
+    """Process 0 claims the lease and the others learn in a collective that it could
+    not: because another run holds it, or because writing the lease failed (lease.json a
+    directory), which used to leave them waiting for process 0."""
+    workdir = tmp_path / 'run'
+    if in_use:
+        _lease_of_another_run(workdir, age_s=5)
+    else:
+        (workdir / lease_lib.LEASE_FILE / 'x').mkdir(parents=True)
+    coordinator = f'localhost:{_free_port()}'
+    procs = [subprocess.Popen([sys.executable, '-c', _ENTER_THE_LEASE, coordinator, str(i),
+                               str(workdir)], cwd=ROOT, env=_cli_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    # The last line: Gloo (CPU collectives) prints to stdout before.
+    (first, err), (second, _) = (p.communicate(timeout=120) for p in procs)
+    first, second = first.splitlines()[-1], second.splitlines()[-1]
+    if in_use:
+        assert first.startswith('WorkdirInUse: The workdir ') and 'host node7' in first, err
+    else:
+        assert first.startswith(('IsADirectoryError', 'OSError')), err[-2000:]
+    assert second == ('WorkdirInUse: Process 0 could not take the workdir (its output says '
+                      'why, e.g. the run that holds it); this process stops too.')
+
+
 @pytest.mark.parametrize('age_s, job, here, said', [
     (lease_lib.STALE_AFTER_S + 5, None, False, r'stopped renewing its lease 1\d\d s ago'),
     pytest.param(5, '77', False, None, marks=pytest.mark.slow),  # same SLURM job

@@ -21,13 +21,12 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 import tensorflow as tf
-from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from sequencer_jax import storage
 from sequencer_jax.data import builders  # noqa: F401  (registers the embedded dataset)
 from sequencer_jax.data import transforms
-from sequencer_jax.errors import UserError
+from sequencer_jax.errors import UserError, on_process_zero
 
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 EVAL_SPLIT_CANDIDATES = ('validation', 'test')
@@ -107,24 +106,11 @@ def load_builder(config, prepare: bool = True):
     instead of waiting for it or preparing the dataset themselves."""
     if not prepare:
         return _open_builder(config)
-    if jax.process_count() == 1:
-        return _prepared_builder(config)
-    builder, error = None, None
-    if jax.process_index() == 0:
-        try:
-            builder = _prepared_builder(config)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once the others know
-            error = e
-    # A collective: the other processes wait here while process 0 prepares the dataset.
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if error is not None:
-        raise error
-    if failed:
-        raise UserError(f'Process 0 could not prepare TFDS dataset {config.name} (its '
-                         'output says why); fix that and rerun every process.')
-    if jax.process_index() > 0:
-        builder = _prepared_builder(config)
-    return builder
+    builder = on_process_zero(
+        lambda: _prepared_builder(config),
+        lambda: UserError(f'Process 0 could not prepare TFDS dataset {config.name} (its '
+                          'output says why); fix that and rerun every process.'))
+    return builder if jax.process_index() == 0 else _prepared_builder(config)
 
 
 def _open_builder(config):

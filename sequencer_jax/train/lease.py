@@ -43,7 +43,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sequencer_jax import storage
-from sequencer_jax.errors import UserError
+from sequencer_jax.errors import UserError, on_process_zero
 
 LEASE_FILE = 'lease.json'
 HEARTBEAT_DIR = 'heartbeats'
@@ -135,19 +135,9 @@ class Lease:
         self._record = {'run': run, 'host': socket.gethostname(), 'pid': os.getpid(),
                         'job': os.environ.get('SLURM_JOB_ID'), 'started': _now(),
                         'processes': self._count}
-        refusal = None
-        if self._index == 0:
-            try:
-                self._claim()
-            except WorkdirInUse as e:
-                refusal = e
-        if self._count > 1:  # every process learns whether process 0 got the lease
-            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
-            if refused and refusal is None:
-                raise WorkdirInUse('Process 0 found the workdir in use by another run (its '
-                                   'output names it); this process stops too.')
-        if refusal is not None:
-            raise refusal
+        on_process_zero(self._claim, lambda: WorkdirInUse(
+            'Process 0 could not take the workdir (its output says why, e.g. the run that '
+            'holds it); this process stops too.'))
         if self._index > 0:
             self._beat()
         self._thread.start()
