@@ -235,6 +235,19 @@ def test_any_resolution_same_weights():
         assert model.apply(variables, jnp.ones((1, h, w, 3))).shape == (1, 3)
 
 
+def test_one_export_with_symbolic_batch_and_sides_serves_every_size():
+    from jax import export
+    model = sj.create_model('sequencer2d_s', num_classes=3, **TINY)
+    variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 28, 28, 3)))
+    shape = export.symbolic_shape('b, h, w, 3', constraints=['h >= 14', 'w >= 14'])
+    exported = export.export(jax.jit(model.apply))(
+        variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+    for size in ((2, 28, 42), (3, 30, 31)):
+        images = jax.random.normal(jax.random.PRNGKey(1), (*size, 3))
+        np.testing.assert_allclose(exported.call(variables, images),
+                                   model.apply(variables, images), atol=1e-5)
+
+
 def test_drop_path_schedules():
     linear = sj.create_model('sequencer2d_s', drop_path_rate=0.3, layers=(1, 1, 2, 1))
     rates = linear.drop_path_rates()
