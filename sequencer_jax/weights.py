@@ -201,16 +201,19 @@ def _is_state_dict_file(path: epath.Path) -> bool:
     return path.suffix in STATE_DICT_SUFFIXES and path.is_file()
 
 
-def load_model(source: str | epath.Path, image_size: int) -> tuple[Any, Any]:
+def load_model(source: str | epath.Path, image_size: int, config=None) -> tuple[Any, Any]:
     """(model, params) of a weights source, the params checked to fit the model at
-    ``image_size``: a converted directory names its model, a training workdir's is the
-    model of the config its run saved (``config.json``)."""
+    ``image_size``: a converted directory and a Hub repository name their model; a
+    training workdir's is the model of ``config``, else of the config its run saved
+    (``config.json``); a state_dict file's, of ``config``."""
     params, _, model = load_params(source)
     if model is None:
-        config = config_defaults.saved_config(source)
+        config = config or config_defaults.saved_config(source)
         if config is None:
-            raise UserError(f'{source} holds no {config_defaults.SAVED_CONFIG_FILE} naming '
-                            'its model; give a converted directory or a training workdir.')
+            raise UserError(f'{source} does not name its model (no '
+                            f'{config_defaults.SAVED_CONFIG_FILE} beside it); give --config '
+                            'with that model, e.g. --config=configs/imagenet.py for '
+                            'sequencer2d_s with 1,000 classes.')
         head = params.get('head')
         model = config_defaults.model_from_config(
             config, head['kernel'].shape[-1] if head else 0)

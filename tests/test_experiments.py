@@ -408,13 +408,22 @@ def test_linear_probe_example_on_converted_weights(timm_fixture, data_dir, tmp_p
     assert results['all_stages'] > 0.5  # chance is 0.1
 
 
-def test_linear_probe_reads_a_training_workdir(trained, data_dir):
+def test_linear_probe_reads_a_training_workdir_and_a_state_dict_file(trained, data_dir,
+                                                                     tmp_path):
     """A workdir's model comes from the config its run saved (it was refused: 'not a
-    converted checkpoint')."""
-    results = run_cli(linear_probe.main, f'--checkpoint={trained}', '--image_size=32',
-                      f'--data_dir={data_dir}')
+    converted checkpoint'); a state_dict file's from --config."""
+    probe = lambda *args: run_cli(linear_probe.main, '--image_size=32',  # noqa: E731
+                                  f'--data_dir={data_dir}', *args)
+    results = probe(f'--checkpoint={trained}')
     assert all(0 <= accuracy <= 1 for accuracy in results.values())
     assert results['all_stages'] > 0.3  # 4 steps of training; chance is 0.1
+    exported = tmp_path / 'w.npz'
+    run_cli(convert_cli.main, '--to_timm', f'--input={trained}', f'--output={exported}')
+    assert probe(f'--checkpoint={exported}', f'--config=configs/workdir.py:dir={trained}') \
+        == results
+    with pytest.raises(UserError, match=re.escape(
+            f'{exported} does not name its model (no config.json beside it); give --config')):
+        probe(f'--checkpoint={exported}')
 
 
 def test_robustness_suites_run_end_to_end(trained, data_dir, monkeypatch):

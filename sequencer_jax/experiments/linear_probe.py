@@ -7,8 +7,10 @@ pool them, and fit a linear classifier with optax on the embedded digits dataset
     python -m sequencer_jax.convert --input=sequencer2d_s.pth --model=sequencer2d_s --output=/tmp/s
     python -m sequencer_jax.experiments.linear_probe --checkpoint=/tmp/s --image_size=224
 
-``--checkpoint`` is a converted directory or a training workdir. Prints the probe's test
-accuracy for the pooled features of each stage and of all four.
+``--checkpoint`` is a converted directory, a training workdir, a Hub repository
+(``hf-hub:timm/sequencer2d_s.in1k``) or a state_dict file (``.pth``, ``.safetensors``,
+``.npz``; its model from ``--config``). Prints the probe's test accuracy for the pooled
+features of each stage and of all four.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sequencer_jax.data.builders  # noqa: F401  (registers 'sklearn_digits' wi
 from sequencer_jax import cli, weights
 from sequencer_jax.data import transforms
 
-for _name in ('checkpoint', 'image_size', 'data_dir'):
+for _name in ('checkpoint', 'config', 'image_size', 'data_dir'):
     flags.declare_key_flag(_name)
 DEFAULT_IMAGE_SIZE = 224
 
@@ -75,7 +77,7 @@ def main(argv) -> dict[str, float]:
     del argv
     cli.require(cli.CHECKPOINT)
     image_size = cli.IMAGE_SIZE.value or DEFAULT_IMAGE_SIZE
-    model, params = weights.load_model(cli.CHECKPOINT.value, image_size)
+    model, params = weights.load_model(cli.CHECKPOINT.value, image_size, cli.CONFIG.value)
     variables = {'params': params}
     train_x, train_y = load_digits('train', image_size, cli.DATA_DIR.value)
     test_x, test_y = load_digits('test', image_size, cli.DATA_DIR.value)
