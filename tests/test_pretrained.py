@@ -1,6 +1,6 @@
 """Published weights from the Hugging Face Hub, served by a local Hub on 127.0.0.1: one
 call, its cache, offline use, a corrupt cached file, and Hub sources in evaluate,
-init_from and convert."""
+init_from, convert and the experiments."""
 
 import json
 import os
@@ -17,8 +17,9 @@ from safetensors.numpy import save as safetensors_bytes
 
 import local_hub
 from conftest import run_cli
-from sequencer_jax import hub, weights
+from sequencer_jax import evaluate, hub, weights
 from sequencer_jax.convert import __main__ as convert_cli
+from sequencer_jax.experiments import erf, linear_probe, robustness
 from sequencer_jax.errors import UserError
 from sequencer_jax.train import loop
 from test_train import ROOT, final_params, tiny_config
@@ -185,3 +186,23 @@ def test_hub_sources_in_evaluate_init_from_and_convert(offline, timm_fixture, tm
                 f'--output={tmp_path / "other"}')
     with pytest.raises(UserError, match="'hf-hub:timm' is not a Hub source"):
         weights.load_params('hf-hub:timm')
+
+
+def test_hub_sources_in_the_experiments(offline, tmp_path, monkeypatch):
+    source = hub.PREFIX + REPO
+    data_dir = str(tmp_path / 'tfds')
+    config = tiny_config(data_dir, image_size=SIZE)
+    # ImageNet-C's images are crops already: its suite crops none (crop 1.0), not the
+    # weights' 0.9, which the other suites use. The digits stand in for its datasets.
+    monkeypatch.setattr(robustness, 'CORRUPTED_DATASET', ('sklearn_digits', 'test'))
+    monkeypatch.setattr(robustness, 'ALEXNET_ERRORS', {'fog': 0.8})
+    monkeypatch.setattr(robustness, 'SEVERITIES', (1,))
+    uncropped, cropped = (evaluate.evaluate_checkpoint(config, source, [SIZE], crop_pct=c)[0]
+                          for c in (1.0, None))
+    assert uncropped['loss'] != cropped['loss']
+    (row,) = robustness.run_suite(config, source, 'imagenet_c')['table']
+    assert row['top1'] == uncropped['top1']
+    assert erf.compute_erf(config, source, num_images=2, image_size=SIZE).shape == (SIZE, SIZE)
+    probe = run_cli(linear_probe.main, f'--checkpoint={source}', f'--image_size={SIZE}',
+                    f'--data_dir={data_dir}')
+    assert probe['all_stages'] > 0.5  # chance is 0.1
