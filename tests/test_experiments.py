@@ -171,6 +171,31 @@ def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, data
             np.testing.assert_array_equal(f[key], 2 * value)
 
 
+def test_the_timm_loading_hint_names_timms_variants_and_spells_out_the_others(tmp_path,
+                                                                             capsys):
+    """timm registers only sequencer2d_s/m/l, and its Sequencer2d has LSTM cells only (the
+    printed code is run against timm in test_torch_parity.py)."""
+    code = lambda name, **args: convert_cli.timm_model_code(  # noqa: E731
+        name, sj.create_model(name, **args))
+    assert code('sequencer2d_m') == "timm.create_model('sequencer2d_m', num_classes=1000)"
+    assert code('sequencer2d_s_add', num_classes=3) == (
+        'timm.models.sequencer.Sequencer2d(layers=[4, 3, 8, 3], patch_sizes=[7, 2, 1, 1], '
+        "embed_dims=[192, 384, 384, 384], hidden_sizes=[48, 96, 96, 96], union='add', "
+        'num_classes=3)')
+    assert 'in_chans=1, ' in code('sequencer2d_s', in_chans=1)
+    assert code('gru_sequencer2d_s') is None and code('v_sequencer_s') is None
+    tiny = dict(TINY_MODEL, cell='gru')
+    model = sj.create_model('sequencer2d_s', 5, **tiny)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))
+    convert.save_converted(str(tmp_path / 'gru'), 'sequencer2d_s', 5, variables, tiny)
+    run_cli(convert_cli.main, '--to_timm', f'--input={tmp_path / "gru"}',
+            f'--output={tmp_path / "gru.npz"}')
+    assert capsys.readouterr().out.endswith(
+        "timm has no module for this model (sequencer2d_s: cell 'gru', token mixer '2d', "
+        'position embedding False); read it with sequencer-jax (--checkpoint=FILE with '
+        '--config naming the model).\n')
+
+
 @pytest.mark.slow
 def test_main_resumes_a_workdir_with_its_saved_config(trained, tmp_path):
     workdir = tmp_path / 'resumed'

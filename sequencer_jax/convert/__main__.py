@@ -99,37 +99,57 @@ def export_timm(source: str, output: str, ema: bool) -> None:
     count = sum(x.size for x in state_dict.values())
     num_classes = state_dict['head.fc.weight'].shape[0] if 'head.fc.weight' in state_dict else 0
     print(f'Wrote {len(state_dict)} arrays ({count:,} parameters{", EMA" if ema else ""}) to '
-          f'{target}; in PyTorch: {timm_model_code(source, num_classes)}.load_state_dict(...) '
-          'with the tensors of that file (safetensors.torch.load_file, or torch.from_numpy '
-          'of each npz array).')
+          f'{target}; {_loading_hint(source, num_classes)}')
 
 
 # The options of our models that timm's Sequencer2d takes under the same names.
-TIMM_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios',
+TIMM_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios', 'in_chans',
              'bidirectional', 'union', 'with_fc')
+# Sequencer2d's arguments that are always written out: its defaults are none of ours
+# (its patch_sizes default is (7, 2, 2, 1)).
+_SIZE_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes')
+# The variants timm registers (timm.create_model), all with our architecture arguments.
+TIMM_VARIANTS = ('sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l')
 
 
-def timm_model_code(source: str, num_classes: int) -> str:
-    """Python that builds timm's model for the weights of ``source``: timm.create_model
-    for a registered size, timm's Sequencer2d class for a custom one."""
+def _loading_hint(source: str, num_classes: int) -> str:
+    """How to load the written file in PyTorch, for the model of ``source``."""
     info_file = weights.checked_source(source) / weights.MODEL_INFO_FILE
     if info_file.exists():
         info = json.loads(info_file.read_text())
-        model = registry.create_model(info['model'], num_classes, **info['model_args'])
-        name = info['model']
+        name, model = info['model'], registry.create_model(info['model'], num_classes,
+                                                            **info['model_args'])
     else:  # a training workdir: the model of the config its run saved
         config = config_defaults.saved_config(source)
-        if config is None:
-            return f'timm.create_model(NAME, num_classes={num_classes})'
-        model = config_defaults.model_from_config(config, num_classes)
-        name = config.model.name
-    registered = registry.create_model(name, num_classes)
-    if all(getattr(model, k) == getattr(registered, k) for k in TIMM_ARGS):
-        return f'timm.create_model({name!r}, num_classes={num_classes})'
+        if config is None:  # a state_dict file: its model is not named anywhere
+            return (f'in PyTorch, load it into the timm model of {source} with '
+                    'load_state_dict.')
+        name, model = config.model.name, config_defaults.model_from_config(config, num_classes)
+    code = timm_model_code(name, model)
+    if code is None:
+        return (f'timm has no module for this model ({name}: cell {model.cell!r}, token '
+                f'mixer {model.token_mixer!r}, position embedding '
+                f'{model.pos_embed_grid is not None}); read it with sequencer-jax '
+                '(--checkpoint=FILE with --config naming the model).')
+    return (f'in PyTorch: {code}.load_state_dict(...) with the tensors of that file '
+            '(safetensors.torch.load_file, or torch.from_numpy of each npz array).')
+
+
+def timm_model_code(name: str, model) -> str | None:
+    """Python that builds timm's model of ``model`` (registered here as ``name``):
+    timm.create_model for a variant timm registers, timm's Sequencer2d class for another;
+    None where timm has no module for it (a GRU or RNN cell, the 1D mixer of the
+    vanilla Sequencer, a position embedding)."""
+    if model.cell != 'lstm' or model.token_mixer != '2d' or model.pos_embed_grid is not None:
+        return None
+    classes = f'num_classes={model.num_classes}'
+    if name in TIMM_VARIANTS and all(getattr(model, k) == getattr(
+            registry.create_model(name), k) for k in TIMM_ARGS):
+        return f'timm.create_model({name!r}, {classes})'
+    defaults = registry.create_model('sequencer2d_s')  # Sequencer2d's other defaults
     custom = ', '.join(f'{k}={_python(getattr(model, k))}' for k in TIMM_ARGS
-                       if getattr(model, k) != getattr(registered, k)
-                       or k in ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes'))
-    return (f'timm.models.sequencer.Sequencer2d({custom}, num_classes={num_classes})')
+                       if k in _SIZE_ARGS or getattr(model, k) != getattr(defaults, k))
+    return f'timm.models.sequencer.Sequencer2d({custom}, {classes})'
 
 
 def _python(value) -> str:
