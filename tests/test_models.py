@@ -461,10 +461,10 @@ def test_convert_cli_writes_loadable_checkpoint(timm_fixture, tmp_path, capsys):
         convert.load_state_dict_file(str(tmp_path / 'missing.pth'))
 
 
-@pytest.mark.parametrize('recurrence, cell', [('natural', 'lstm'), ('natural', 'gru'),
-                                              ('natural', 'rnn'), ('scan', 'lstm'),
-                                              pytest.param('pallas', 'lstm',
-                                                           marks=pytest.mark.slow)])
+@pytest.mark.parametrize('recurrence, cell', [
+    ('natural', 'lstm'), ('natural', 'gru'), ('natural', 'rnn'), ('scan', 'lstm'),
+    *(pytest.param(r, c, marks=pytest.mark.slow)
+      for r, c in (('scan', 'gru'), ('scan', 'rnn'), ('pallas', 'lstm')))])
 def test_the_model_runs_under_shard_map_with_its_type_checks(recurrence, cell):
     """jax.shard_map's default check_vma=True: the recurrences' initial carries were
     invariant while their steps made them varying ('carry input and carry output must

@@ -110,14 +110,15 @@ def test_forward_and_backward_lower_to_triton_kernels_for_a_gpu(cell):
     assert exported.mlir_module().count(f'@{TRITON_CALL}') == 2  # forward and backward
 
 
+@pytest.mark.parametrize('cell', recurrent.CELL_TYPES)
 @pytest.mark.parametrize('platform, call', [('cuda', TRITON_CALL), ('tpu', 'tpu_custom_call')])
-def test_kernels_pass_shard_maps_type_checks_when_lowered_for_a_device(platform, call):
+def test_kernels_pass_shard_maps_type_checks_when_lowered_for_a_device(platform, call, cell):
     """Inside ``jax.shard_map`` with its default ``check_vma=True`` (8 devices), the
     gradient lowers for a GPU and a TPU: the kernels' outputs vary over the manual axis as
     their inputs do. (On CPU Pallas' interpreter itself fails that check; see
     test_models.py's shard_map test.)"""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    model = sj.BiRNN2D(6, recurrence='pallas')
+    model = sj.BiRNN2D(6, cell=cell, recurrence='pallas')
     x = jnp.ones((8, 5, 5, 8))
     variables = model.init(jax.random.PRNGKey(0), x)
     mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
