@@ -99,23 +99,6 @@ def test_resolution_sweep_writes_json_and_png(trained, data_dir, tmp_path):
     assert not (tmp_path / 'c.png').exists()
 
 
-@pytest.mark.slow
-def test_the_readme_resolution_sweep_runs_as_written(trained, data_dir, tmp_path):
-    """docs/experiments.md's sweep (every resolution of the paper's study, most of them
-    not multiples of the total stride), on the embedded digits instead of ImageNet."""
-    text = (ROOT / 'docs' / 'experiments.md').read_text()
-    resolutions = re.search(r'--resolutions=([\d,]+)', text).group(1)
-    assert resolutions == '128,160,192,224,256,288,320,384'
-    run = _run(['sequencer_jax.evaluate', f'--checkpoint={trained}',
-                f'--resolutions={resolutions}', f'--output_json={tmp_path / "s.json"}',
-                f'--plot={tmp_path / "sweep.png"}', '--label=S'])
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads((tmp_path / 's.json').read_text())['rows']
-    assert [r['resolution'] for r in rows] == [int(r) for r in resolutions.split(',')]
-    assert all(r['examples'] == 360 and 0 <= r['top1'] <= 1 for r in rows)
-    assert (tmp_path / 'sweep.png').read_bytes()[:8] == PNG_MAGIC
-
-
 def test_a_workdir_exports_to_timm_and_converts_back_to_its_params(trained, data_dir, tmp_path,
                                                                     capsys, monkeypatch):
     params = weights.load_params(trained)[0]

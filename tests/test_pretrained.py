@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -206,3 +207,30 @@ def test_hub_sources_in_the_experiments(offline, tmp_path, monkeypatch):
     probe = run_cli(linear_probe.main, f'--checkpoint={source}', f'--image_size={SIZE}',
                     f'--data_dir={data_dir}')
     assert probe['all_stages'] > 0.5  # chance is 0.1
+
+
+@pytest.mark.slow  # 8 resolutions up to 384 px, each compiled
+def test_the_readme_resolution_sweep_runs_as_written(hub_cache, tmp_path):
+    """The README's sweep of the published weights, as written but for the weights (the
+    local Hub's tiny sequencer2d_s, total stride 14 as the published: 7 of the 8 sizes
+    are not multiples of it) and the data (the embedded digits instead of ImageNet)."""
+    command = re.search(r'^python -m sequencer_jax\.evaluate .*--resolutions=.*$',
+                        (ROOT / 'README.md').read_text(), re.MULTILINE).group(0)
+    swapped = {'--config=configs/imagenet.py': f'--config={ROOT}/configs/default.py',
+               '--checkpoint=hf-hub:timm/sequencer2d_s.in1k': f'--checkpoint=hf-hub:{REPO}'}
+    args = [swapped.get(a, a) for a in shlex.split(command)[2:]]
+    assert len(set(args) & set(swapped.values())) == 2, command
+    run = subprocess.run(
+        [sys.executable, '-m', *args, f'--config.dataset.data_dir={tmp_path / "tfds"}'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,  # its files go there
+        env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1',
+                 HF_HUB_CACHE=str(hub_cache[0])))
+    assert run.returncode == 0, run.stderr[-3000:]
+    resolutions = [int(r) for r in re.search(r'--resolutions=([\d,]+)', command)[1].split(',')]
+    assert resolutions == [128, 160, 192, 224, 256, 288, 320, 384]
+    written = {a.split('=')[0]: tmp_path / a.split('=')[1] for a in args
+               if a.startswith(('--output_json=', '--plot='))}
+    rows = json.loads(written['--output_json'].read_text())['rows']
+    assert [r['resolution'] for r in rows] == resolutions
+    assert all(r['examples'] == 360 and 0 <= r['top1'] <= 1 for r in rows)
+    assert written['--plot'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
