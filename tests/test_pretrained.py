@@ -114,13 +114,17 @@ def test_published_weights_in_one_call_give_timms_logits(hub_cache, timm_fixture
             "Missing (no torch key maps to): ['head/bias', 'head/kernel', 'norm/bias'") in out
 
 
-def test_the_cache_serves_offline_and_a_revision_pins_it(offline, timm_fixture):
+def test_the_cache_serves_offline_and_a_revision_pins_it(offline, hub_cache, timm_fixture,
+                                                         capsys):
     images = timm_fixture.images(SIZE, SIZE)
     for name, revision in [(REPO, None), (REPO, local_hub.COMMIT)]:
         model, variables, preprocessing = weights.load_pretrained(name, revision)
         np.testing.assert_allclose(np.asarray(model.apply(variables, images))[:, :5],
                                    timm_fixture.logits('sequencer2d_s', SIZE, SIZE), atol=1e-4)
         assert preprocessing['crop_pct'] == CROP_PCT
+    # Converted once, by the first load (the fixture's process), then read from the cache.
+    assert hub_cache[2].count(f'Converted {REPO} ') == 1
+    assert 'Converted' not in capsys.readouterr().out
     with pytest.raises(UserError, match=re.escape(
             "No published weights for 'sequencer2d_xs'; the variants with weights are "
             'sequencer2d_s, sequencer2d_m, sequencer2d_l')):
@@ -198,9 +202,12 @@ def test_hub_sources_in_the_experiments(offline, tmp_path, monkeypatch):
     monkeypatch.setattr(robustness, 'CORRUPTED_DATASET', ('sklearn_digits', 'test'))
     monkeypatch.setattr(robustness, 'ALEXNET_ERRORS', {'fog': 0.8})
     monkeypatch.setattr(robustness, 'SEVERITIES', (1,))
-    uncropped, cropped = (evaluate.evaluate_checkpoint(config, source, [SIZE], crop_pct=c)[0]
-                          for c in (1.0, None))
-    assert uncropped['loss'] != cropped['loss']
+    assert config.crop_pct == 1.0
+    uncropped, cropped, weights_crop = (
+        evaluate.evaluate_checkpoint(config, source, [SIZE], crop_pct=c)[0]
+        for c in (1.0, None, CROP_PCT))
+    # Without --crop_pct, evaluation crops as the weights say, not as the config does.
+    assert cropped == weights_crop and cropped['loss'] != uncropped['loss']
     (row,) = robustness.run_suite(config, source, 'imagenet_c')['table']
     assert row['top1'] == uncropped['top1']
     assert erf.compute_erf(config, source, num_images=2, image_size=SIZE).shape == (SIZE, SIZE)
