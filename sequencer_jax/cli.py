@@ -26,7 +26,9 @@ CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config 
                                          'FILE[:VARIANT] (e.g. configs/imagenet.py:model='
                                          'sequencer2d_l)', lock_config=True)
 CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                 'weights: a training workdir or a converted directory')
+                                 'weights: a training workdir, a converted directory, a Hub '
+                                 'repository (hf-hub:timm/sequencer2d_s.in1k) or a state_dict '
+                                 'file (its model from --config)')
 OUTPUT = flags.DEFINE_string('output', None, 'the file or directory to write')
 OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'also write the results here (JSON)')
 MODEL = flags.DEFINE_string('model', None, 'a registered variant, e.g. sequencer2d_s')

@@ -208,12 +208,12 @@ def load_model(source: str | epath.Path, image_size: int, config=None) -> tuple[
     (``config.json``); a state_dict file's, of ``config``."""
     params, _, model = load_params(source)
     if model is None:
-        config = config or config_defaults.saved_config(source)
         if config is None:
-            raise UserError(f'{source} does not name its model (no '
-                            f'{config_defaults.SAVED_CONFIG_FILE} beside it); give --config '
-                            'with that model, e.g. --config=configs/imagenet.py for '
-                            'sequencer2d_s with 1,000 classes.')
+            config = config_defaults.saved_config(source)
+        if config is None:
+            raise UserError(f'{source} names no model (no {MODEL_INFO_FILE} or '
+                            f'{config_defaults.SAVED_CONFIG_FILE} in it); give --config with '
+                            'that model, e.g. --config=configs/imagenet.py for sequencer2d_s.')
         head = params.get('head')
         model = config_defaults.model_from_config(
             config, head['kernel'].shape[-1] if head else 0)

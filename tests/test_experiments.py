@@ -430,7 +430,7 @@ def test_linear_probe_reads_a_training_workdir_and_a_state_dict_file(trained, da
     assert probe(f'--checkpoint={exported}', f'--config=configs/workdir.py:dir={trained}') \
         == results
     with pytest.raises(UserError, match=re.escape(
-            f'{exported} does not name its model (no config.json beside it); give --config')):
+            f'{exported} names no model (no model.json or config.json in it); give --config')):
         probe(f'--checkpoint={exported}')
 
 

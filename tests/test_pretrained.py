@@ -23,6 +23,7 @@ from sequencer_jax.convert import __main__ as convert_cli
 from sequencer_jax.experiments import erf, linear_probe, robustness
 from sequencer_jax.errors import UserError
 from sequencer_jax.train import loop
+from test_experiments import PNG_MAGIC
 from test_train import ROOT, final_params, tiny_config
 
 REPO = 'test/sequencer2d_s.tiny'
@@ -207,7 +208,7 @@ def test_hub_sources_in_the_experiments(offline, tmp_path, monkeypatch):
         evaluate.evaluate_checkpoint(config, source, [SIZE], crop_pct=c)[0]
         for c in (1.0, None, CROP_PCT))
     # Without --crop_pct, evaluation crops as the weights say, not as the config does.
-    assert cropped == weights_crop and cropped['loss'] != uncropped['loss']
+    assert cropped == weights_crop and cropped['top1'] != uncropped['top1']
     (row,) = robustness.run_suite(config, source, 'imagenet_c')['table']
     assert row['top1'] == uncropped['top1']
     assert erf.compute_erf(config, source, num_images=2, image_size=SIZE).shape == (SIZE, SIZE)
@@ -240,4 +241,4 @@ def test_the_readme_resolution_sweep_runs_as_written(hub_cache, tmp_path):
     rows = json.loads(written['--output_json'].read_text())['rows']
     assert [r['resolution'] for r in rows] == resolutions
     assert all(r['examples'] == 360 and 0 <= r['top1'] <= 1 for r in rows)
-    assert written['--plot'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert written['--plot'].read_bytes()[:8] == PNG_MAGIC

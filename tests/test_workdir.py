@@ -86,14 +86,18 @@ def test_every_process_of_a_job_stops_when_process_0_cannot_take_the_workdir(tmp
                                str(workdir)], cwd=ROOT, env=_cli_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in range(2)]
+    try:
+        (first, err), (second, _) = [p.communicate(timeout=120) for p in procs]
+    finally:  # a process left waiting in the collective must not outlive the test
+        for p in procs:
+            p.kill()
     # The last line: Gloo (CPU collectives) prints to stdout before.
-    (first, err), (second, _) = (p.communicate(timeout=120) for p in procs)
     first, second = first.splitlines()[-1], second.splitlines()[-1]
     if in_use:
         assert first.startswith('WorkdirInUse: The workdir ') and 'host node7' in first, err
     else:
         assert first.startswith(('IsADirectoryError', 'OSError')), err[-2000:]
-    assert second == ('WorkdirInUse: Process 0 could not take the workdir (its output says '
+    assert second == ('UserError: Process 0 could not take the workdir (its output says '
                       'why, e.g. the run that holds it); this process stops too.')
 
 

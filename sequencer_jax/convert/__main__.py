@@ -105,8 +105,8 @@ def export_timm(source: str, output: str, ema: bool) -> None:
 # The options of our models that timm's Sequencer2d takes under the same names.
 TIMM_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes', 'mlp_ratios', 'in_chans',
              'bidirectional', 'union', 'with_fc')
-# Sequencer2d's arguments that are always written out: its defaults are none of ours
-# (its patch_sizes default is (7, 2, 2, 1)).
+# Sequencer2d's arguments that are always written out, so that the code shows the sizes
+# (and its patch_sizes default, (7, 2, 2, 1), is not ours).
 _SIZE_ARGS = ('layers', 'patch_sizes', 'embed_dims', 'hidden_sizes')
 # The variants timm registers (timm.create_model), all with our architecture arguments.
 TIMM_VARIANTS = ('sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l')
@@ -121,7 +121,7 @@ def _loading_hint(source: str, num_classes: int) -> str:
                                                             **info['model_args'])
     else:  # a training workdir: the model of the config its run saved
         config = config_defaults.saved_config(source)
-        if config is None:  # a state_dict file: its model is not named anywhere
+        if config is None:  # a state_dict file, or a workdir without config.json
             return (f'in PyTorch, load it into the timm model of {source} with '
                     'load_state_dict.')
         name, model = config.model.name, config_defaults.model_from_config(config, num_classes)

@@ -135,7 +135,7 @@ class Lease:
         self._record = {'run': run, 'host': socket.gethostname(), 'pid': os.getpid(),
                         'job': os.environ.get('SLURM_JOB_ID'), 'started': _now(),
                         'processes': self._count}
-        on_process_zero(self._claim, lambda: WorkdirInUse(
+        on_process_zero(self._claim, lambda: UserError(
             'Process 0 could not take the workdir (its output says why, e.g. the run that '
             'holds it); this process stops too.'))
         if self._index > 0:
