@@ -153,6 +153,29 @@ def test_tpu_form_interpreted_equals_the_scan_path(cell, monkeypatch):
     _assert_close(tangent, tangent_ref, 1e-5, 1e-6)
 
 
+def test_nested_vmaps_of_the_kernels_split_over_a_mesh():
+    """An ensemble (the weights mapped: folded into the recurrences) and, nested, a map
+    over inputs with shared weights (folded into the sequences) under ``jax.set_mesh``
+    (8 devices), where the folded launch is split over the devices: values and
+    gradients equal the scan path's."""
+    mesh = mesh_lib.make_mesh([('data', 4), ('fsdp', 2)])
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 4, 8))
+    fused, reference = (sj.BiRNN2D(6, recurrence=r) for r in ('pallas', 'scan'))
+    ensemble = jax.vmap(reference.init, in_axes=(0, None))(
+        jax.random.split(jax.random.PRNGKey(2), 2), x)
+
+    def outputs(model):
+        loss = lambda v, x: jnp.sum(jnp.sin(model.apply(v, x)))  # noqa: E731
+        members = jax.vmap(lambda v: (model.apply(v, x), jax.grad(loss)(v, x)))
+        each_row = jax.vmap(jax.vmap(lambda v, row: model.apply(v, row[None, None]),
+                                     in_axes=(0, None)), in_axes=(None, 0))
+        return jax.jit(members)(ensemble), jax.jit(each_row)(ensemble, x[:2, 0])
+
+    expected = outputs(reference)
+    with jax.set_mesh(mesh):
+        _assert_close(outputs(fused), expected, 1e-5, 1e-6)
+
+
 def test_tpu_blocks_fit_vmem():
     """Sequences per TPU step: the largest multiple of 8 dividing N that fits the budget."""
     def lstm_backward(n, dp):

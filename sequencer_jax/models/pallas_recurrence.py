@@ -418,7 +418,9 @@ def _launch(loop_kernel, step_kernel, backward, cell, reverse, dtype, block, mes
 
     Under ``jax.vmap`` the mapped axis is folded into the sequences (shared weights) or
     the recurrences (per-example weights) of one launch: Pallas' own batching rule adds
-    a grid axis that the TPU form's ``dimension_semantics`` does not name."""
+    a grid axis that the TPU form's ``dimension_semantics`` does not name. Unmapped
+    operands are copied once per mapped index (under ``jax.jacfwd``: the input gates and
+    the carries)."""
     loop = functools.partial(loop_kernel, cell=cell, reverse=reverse, dtype=dtype)
     step = functools.partial(step_kernel, cell=cell, dtype=dtype)
 
