@@ -86,25 +86,13 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
     for size in resolutions:  # all now: not after the first ones' evaluation
         model.check_input_shape((1, size, size, model.in_chans))
     params = weights.fitted(params, model, resolutions[0], checkpoint_dir, config)
-    param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
-    params = jax.device_put(params, param_shardings)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    eval_step = jax.jit(functools.partial(steps.eval_step, model=model,
-                                          class_mask=class_mask),
-                        in_shardings=(param_shardings, batch_sharding),
-                        out_shardings=mesh_lib.replicated(mesh),
-                        compiler_options=xla_options.compiler_options())
-    local_batch = pipeline.local_batch_size(config.eval_batch_size or config.batch_size)
+    evaluate = _evaluation(config, mesh, params, functools.partial(
+        steps.eval_step, model=model, class_mask=class_mask), f'{spec.builder.name} {split}')
     rows = []
     for size in resolutions:
-        def batches(size=size):
-            ds, n = pipeline.eval_dataset(spec, config, local_batch, image_size=size,
-                                          crop_pct=crop_pct, split=split,
-                                          preprocessing=preprocessing)
-            return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
-
-        with jax.set_mesh(mesh):  # recurrence='pallas' splits its kernels over it
-            result = steps.evaluate(params, batches, eval_step)
+        result = evaluate(lambda batch_size, size=size: pipeline.eval_dataset(
+            spec, config, batch_size, image_size=size, crop_pct=crop_pct, split=split,
+            preprocessing=preprocessing))
         rows.append({'resolution': size, **result, 'examples': examples})
     return rows
 
@@ -119,21 +107,34 @@ def evaluate_segmentation(config, checkpoint_dir: str, split: str | None = None,
     model, params, spec = task.load(checkpoint_dir, use_ema)
     split = split or spec.eval_split
     examples = pipeline.split_examples(spec.builder, split, 'Give --split one of them.')
+    evaluate = _evaluation(config, mesh, params, task.eval_step(model),
+                           f'{spec.builder.name} {split}', task.summarise)
+    result = evaluate(lambda batch_size: task.eval_dataset(spec, batch_size, split))
+    return {**result, 'examples': examples}
+
+
+def _evaluation(config, mesh, params, eval_step, name: str, summarise=None):
+    """``evaluate(dataset)``: the metrics of ``eval_step(params, batch)`` (jitted, the
+    params placed on ``mesh`` by ``config.param_rules``) over the split that
+    ``dataset(local_batch_size)`` gives as ``(tf.data.Dataset, batches)``, global
+    batches split over the mesh; ``name`` names the split in input errors."""
     param_shardings = mesh_lib.tree_shardings(params, mesh, config.param_rules)
     params = jax.device_put(params, param_shardings)
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    eval_step = jax.jit(task.eval_step(model), in_shardings=(param_shardings, batch_sharding),
-                        out_shardings=mesh_lib.replicated(mesh),
-                        compiler_options=xla_options.compiler_options())
+    step = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=mesh_lib.replicated(mesh),
+                   compiler_options=xla_options.compiler_options())
     local_batch = pipeline.local_batch_size(config.eval_batch_size or config.batch_size)
 
-    def batches():
-        ds, n = task.eval_dataset(spec, local_batch, split)
-        return pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} {split}'), n
+    def evaluate(dataset) -> dict[str, float]:
+        def batches():
+            ds, n = dataset(local_batch)
+            return pipeline.GlobalBatches(ds, batch_sharding, name), n
 
-    with jax.set_mesh(mesh):
-        result = steps.evaluate(params, batches, eval_step, task.summarise)
-    return {**result, 'examples': examples}
+        with jax.set_mesh(mesh):  # recurrence='pallas' splits its kernels over it
+            return steps.evaluate(params, batches, step, summarise)
+
+    return evaluate
 
 
 def format_table(rows: list[dict]) -> str:
