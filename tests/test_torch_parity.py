@@ -71,6 +71,16 @@ def test_every_variant_tiny_logits_equal_torch(name):
     _check(name, sizes, **_tiny(name))
 
 
+def _initialised_with_noise(model, images):
+    """``model``'s variables with noise added to each: the head is zero-initialised,
+    which would hide a wrongly loaded one."""
+    variables = model.init(jax.random.PRNGKey(0), images)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys)])
+
+
 def test_the_printed_timm_code_loads_every_variant_timm_has(tmp_path):
     """convert --to_timm's hint (timm_model_code) builds, for every variant timm's
     Sequencer2d can express, a module that loads the exported weights strictly and gives
@@ -84,11 +94,7 @@ def test_the_printed_timm_code_loads_every_variant_timm_has(tmp_path):
         if code is None:
             continue
         expressed.append(name)
-        variables = model.init(jax.random.PRNGKey(0), images)
-        leaves, treedef = jax.tree.flatten(variables)
-        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-        variables = jax.tree.unflatten(treedef, [  # noise: the head is zero-initialised
-            x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+        variables = _initialised_with_noise(model, images)
         reference = eval(code, {'timm': timm})
         reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
                                    convert.to_timm_state_dict(variables['params']).items()},
@@ -128,11 +134,7 @@ def test_exported_weights_give_timm_the_same_logits(tmp_path, capsys):
     from safetensors.torch import load_file
     model = sj.create_model('sequencer2d_s', 7, scan_blocks=True, **TINY)
     images = np.random.RandomState(0).randn(2, 28, 42, 3).astype(np.float32)
-    variables = model.init(jax.random.PRNGKey(0), images)
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    variables = jax.tree.unflatten(treedef, [  # noise: the head is zero-initialised
-        x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    variables = _initialised_with_noise(model, images)
     convert.save_converted(tmp_path / 'jax', 'sequencer2d_s', 7, variables,
                            dict(TINY, scan_blocks=True))
     exported = tmp_path / 'timm.safetensors'
