@@ -2,7 +2,8 @@
 
 scikit-learn's handwritten digits (``sklearn_digits``, shipped as a TFDS builder) at
 32 px; about 2 minutes of training on a 2-core CPU. Variant string:
-``configs/default.py:mesh=data``.
+``configs/default.py:mesh=data``; ``dataset=synthetic`` trains the same model on random
+images made on the devices (no TensorFlow; see ``config.dataset.synthetic``).
 """
 
 from sequencer_jax import config_defaults
@@ -16,6 +17,8 @@ def get_config(arg=None):
                              embed_dims=(32, 64, 64, 64), hidden_sizes=(8, 16, 16, 16),
                              drop_path_rate=0.0)
     config.dataset = config_defaults.dataset_config('sklearn_digits', shuffle_buffer=2048)
+    # dataset=synthetic: the digits' classes and split sizes.
+    config.dataset.synthetic.update(num_classes=10, train_examples=1437, eval_examples=360)
     # Digits are not mirror-symmetric, and tiny: no flip, mild crops, light mixing.
     config.augment = config_defaults.augment_config(
         crop_scale=(0.6, 1.0), flip=False, randaugment=None, erase_prob=0.0,
@@ -31,4 +34,5 @@ def get_config(arg=None):
     config.log_every_steps = 50
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 100
-    return config_defaults.apply_variant(config, arg, {'mesh': config_defaults.set_mesh})
+    return config_defaults.apply_variant(config, arg, {'mesh': config_defaults.set_mesh,
+                                                       'dataset': config_defaults.set_dataset})

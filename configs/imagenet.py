@@ -8,7 +8,9 @@ erasing 0.25, stochastic depth rising linearly to 0.1 / 0.2 / 0.4 for S / M / L.
 Variant string (comma-separated): ``model=sequencer2d_s|sequencer2d_m|sequencer2d_l``
 (or any registered name), ``mesh=data|fsdp|DxF``, ``dtype=float32|bfloat16``,
 ``remat=true|false`` (recompute blocks in the backward: needed on 16 GB devices at batch
-64 per device), ``recurrence=natural|scan|pallas``.
+64 per device), ``recurrence=natural|scan|pallas``, ``dataset=synthetic`` (the same
+train step on random images made on the devices: no TensorFlow, no ImageNet; see
+``config.dataset.synthetic``).
 Example: ``--config=configs/imagenet.py:model=sequencer2d_l,mesh=fsdp,dtype=bfloat16,remat=true``.
 ImageNet tars go in ``<data_dir>/downloads/manual/`` (see README).
 """
@@ -34,4 +36,4 @@ def get_config(arg=None):
     return config_defaults.apply_variant(config, arg, {
         'model': _set_model, 'mesh': config_defaults.set_mesh,
         'dtype': config_defaults.set_dtype, 'remat': config_defaults.set_remat,
-        'recurrence': config_defaults.set_recurrence})
+        'recurrence': config_defaults.set_recurrence, 'dataset': config_defaults.set_dataset})

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sequencer_jax import storage
+from sequencer_jax.data import synthetic
 from sequencer_jax.errors import UserError
 from sequencer_jax.models import registry
 from sequencer_jax.models.segmentation import INFERENCE_MODES
@@ -46,9 +47,11 @@ def model_args_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def dataset_config(name: str, **overrides) -> ml_collections.ConfigDict:
-    """``config.dataset``: which TFDS dataset and how to read it."""
+    """``config.dataset``: which dataset (TFDS, or ``synthetic``) and how to read it."""
     config = ml_collections.ConfigDict(dict(
-        name=name,  # a TFDS name, e.g. imagenet2012, cifar10, or sklearn_digits (embedded)
+        # A TFDS name, e.g. imagenet2012, cifar10, or sklearn_digits (embedded); or
+        # 'synthetic': random labelled images made on the devices (no TensorFlow, no files).
+        name=name,
         data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS default
         train_split='train',  # a TFDS split expression, e.g. 'train[:90%]'
         eval_split=ml_collections.FieldReference(None, field_type=str),  # None: validation or test
@@ -58,6 +61,13 @@ def dataset_config(name: str, **overrides) -> ml_collections.ConfigDict:
         prefetch=2,  # batches prepared ahead
         deterministic=True,  # False: tf.data may reorder examples, for speed
         skip_corrupt=False,  # True: skip undecodable images with a warning, not stop
+        # name='synthetic' only (images of config.image_size, see data/synthetic.py).
+        synthetic=ml_collections.ConfigDict(dict(
+            num_classes=1000,
+            train_examples=1_281_167,  # an epoch's length, as ImageNet-1K's
+            eval_examples=50_000,
+            seed=0,  # the class patterns, the images and their order
+        )),
     ))
     config.update(overrides)
     return config
@@ -221,6 +231,9 @@ _RANGES = (
     ('hang_timeout_s', lambda v: v > 0, 'positive (or None: never)'),
     ('profile.start_step', lambda v: v >= 0, 'non-negative (or None: no profile)'),
     ('profile.num_steps', lambda v: v >= 1, 'at least 1'),
+    ('dataset.synthetic.num_classes', lambda v: v >= 1, 'at least 1'),
+    ('dataset.synthetic.train_examples', lambda v: v >= 1, 'at least 1'),
+    ('dataset.synthetic.eval_examples', lambda v: v >= 1, 'at least 1'),
 )
 
 
@@ -256,6 +269,9 @@ def validate(config: ml_collections.ConfigDict, devices=None, training: bool = T
         problems.append(f'config.task must be one of {list(TASK_METRICS)}, got {config.task!r}')
     elif config.task == 'segmentation':
         problems += _segmentation_problems(config)
+        if config.dataset.name == synthetic.NAME:
+            problems.append("config.dataset.name='synthetic' serves classification only; "
+                            'give segmentation a TFDS dataset with masks')
     if config.compute_dtype not in DTYPES:
         problems.append(f'config.compute_dtype must be one of {sorted(DTYPES)}, got '
                         f'{config.compute_dtype!r}')
@@ -501,6 +517,12 @@ def set_recurrence(config: ml_collections.ConfigDict, value: str) -> None:
     if value not in RECURRENCES:
         raise UserError(f'Unknown recurrence {value!r}: use one of {list(RECURRENCES)}.')
     config.model.args.recurrence = value
+
+
+def set_dataset(config: ml_collections.ConfigDict, value: str) -> None:
+    """Variant ``dataset=NAME``: a TFDS name, or ``synthetic`` (the same train step on
+    random images made on the devices: no TensorFlow, no input pipeline)."""
+    config.dataset.name = value
 
 
 def set_dtype(config: ml_collections.ConfigDict, value: str) -> None:

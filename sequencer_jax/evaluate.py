@@ -32,7 +32,7 @@ import jax
 from absl import flags
 
 from sequencer_jax import cli, config_defaults, storage, weights, xla_options
-from sequencer_jax.data import pipeline
+from sequencer_jax.data import batches, pipeline
 from sequencer_jax.errors import UserError
 from sequencer_jax.experiments import resolution
 from sequencer_jax.train import mesh as mesh_lib, steps, tasks
@@ -78,7 +78,7 @@ def evaluate_checkpoint(config, checkpoint_dir: str, resolutions: list[int],
         model = config_defaults.model_from_config(
             config, config.model.num_classes or spec.num_classes)
     if class_mask is None:  # a masked subset (ImageNet-A/R) has its own class count
-        pipeline.check_num_classes(model.num_classes, spec, f'The checkpoint {checkpoint_dir}')
+        batches.check_num_classes(model.num_classes, spec, f'The checkpoint {checkpoint_dir}')
     if use_ema:
         if ema_params is None:
             raise UserError(f'{checkpoint_dir} has no EMA weights; drop --ema.')
@@ -124,7 +124,7 @@ def _evaluation(config, mesh, params, eval_step, name: str, summarise=None):
     step = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
                    out_shardings=mesh_lib.replicated(mesh),
                    compiler_options=xla_options.compiler_options())
-    local_batch = pipeline.local_batch_size(config.eval_batch_size or config.batch_size)
+    local_batch = batches.local_batch_size(config.eval_batch_size or config.batch_size)
 
     def evaluate(dataset) -> dict[str, float]:
         def batches():

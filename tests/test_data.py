@@ -14,7 +14,7 @@ import mini_imagenet
 from conftest import run_cli
 from sequencer_jax import config_defaults
 from sequencer_jax.errors import UserError
-from sequencer_jax.data import mixing, pipeline, randaugment, transforms
+from sequencer_jax.data import batches, mixing, pipeline, randaugment, transforms
 
 
 def make_config(name, data_dir, image_size=28, augment=True, **dataset):
@@ -192,7 +192,7 @@ def test_bad_dataset_config_errors(digits_dir):
             'config.batch_size=12 must divide by the number of processes (1) and of batch '
             'shards on the mesh (8); use a multiple of 8.')):
         config_defaults.validate(config)  # on 8 devices
-    assert pipeline.local_batch_size(16) == 16
+    assert batches.local_batch_size(16) == 16
 
 
 def test_two_processes_read_disjoint_shards_covering_the_split(digits_spec, digits_dir):

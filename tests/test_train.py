@@ -529,30 +529,38 @@ def test_metrics_that_cannot_be_written_are_reported_once_and_training_goes_on(
         assert manager.all_steps() == [2, 4]
 
 
-def test_tensorboard_write_failures_are_reported_again_after_a_success(tmp_path, capsys):
-    writer = reporting.MetricWriter(epath.Path(str(tmp_path)))
-    flush = writer._tb.flush
+def test_tensorboard_write_failures_are_reported_again_after_a_success(tmp_path, capsys,
+                                                                       monkeypatch):
+    flush = reporting.EventFileWriter.flush
     disk_full = False
 
-    def flush_or_fail():
+    def flush_or_fail(writer):
         if disk_full:
-            raise tf.errors.ResourceExhaustedError(
-                None, None, '{{function_node __wrapped__FlushSummaryWriter_device_/job:'
-                'localhost}} events.out.tfevents; No space left on device')
-        flush()
+            raise OSError(errno.ENOSPC, 'No space left on device', 'events.out.tfevents')
+        flush(writer)
 
-    writer._tb.flush = flush_or_fail
-    for step, disk_full in zip(range(1, 5), [True, True, False, True]):
-        writer.write(step, {'train/loss': 1.0})
-    disk_full = False
+    monkeypatch.setattr(reporting.EventFileWriter, 'flush', flush_or_fail)
+    writer = reporting.MetricWriter(epath.Path(str(tmp_path)))
+    for step, disk_full in zip(range(1, 6), [True, True, False, True, False]):
+        writer.write(step, {'train/loss': float(step)})
     writer.close()
     warnings = [line for line in capsys.readouterr().out.splitlines()
                 if line.startswith('Warning')]
     assert [w.split(' to ')[0] for w in warnings] == [
         'Warning: could not write the TensorBoard events of step 1',
         'Warning: could not write the TensorBoard events of step 4']
-    assert f'{tmp_path}/tensorboard (events.out.tfevents; No space left on device).' in warnings[0]
-    assert losses(tmp_path) == {step: 1.0 for step in range(1, 5)}
+    assert (f'{tmp_path}/tensorboard ([Errno 28] No space left on device: '
+            "'events.out.tfevents').") in warnings[0]
+    assert losses(tmp_path) == {step: float(step) for step in range(1, 6)}
+    # Each write that succeeded is in TensorBoard's events, read back as TensorBoard does.
+    from tensorboard.backend.event_processing import event_accumulator
+    scalars = {}
+    for events in (tmp_path / 'tensorboard').iterdir():
+        accumulator = event_accumulator.EventAccumulator(str(events))
+        accumulator.Reload()
+        if 'train/loss' in accumulator.Tags()['scalars']:
+            scalars |= {e.step: e.value for e in accumulator.Scalars('train/loss')}
+    assert {3: 3.0, 5: 5.0}.items() <= scalars.items()
 
 
 def _traced_train_steps(logdir):

@@ -10,13 +10,12 @@ over the mesh's batch axes with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import errno
 import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -26,25 +25,11 @@ import tensorflow_datasets as tfds
 from sequencer_jax import storage
 from sequencer_jax.data import builders  # noqa: F401  (registers the embedded dataset)
 from sequencer_jax.data import transforms
+from sequencer_jax.data.batches import DatasetSpec, check_train_split
 from sequencer_jax.errors import UserError, on_process_zero
 
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 EVAL_SPLIT_CANDIDATES = ('validation', 'test')
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """What the rest of the code needs to know of a prepared dataset."""
-
-    builder: Any
-    train_split: str
-    eval_split: str
-    num_classes: int
-    num_train_examples: int
-    num_eval_examples: int
-    image_key: str
-    label_key: str
-    multi_label: bool = False  # a Sequence of class labels (e.g. ImageNet-ReaL)
 
 
 def _data_dir(config) -> str | None:
@@ -239,29 +224,6 @@ def _options(deterministic: bool) -> tf.data.Options:
     options.deterministic = deterministic
     options.threading.private_threadpool_size = 0
     return options
-
-
-def local_batch_size(global_batch: int) -> int:
-    """This process's share of the global batch (``config_defaults.validate`` has checked
-    that it divides)."""
-    return global_batch // jax.process_count()
-
-
-def check_num_classes(num_classes: int, spec: DatasetSpec, source: str) -> None:
-    """A UserError when a classifier of ``num_classes`` cannot score every label of the
-    dataset (labels past the last class would count as silently wrong)."""
-    if num_classes < spec.num_classes:
-        raise UserError(f'{source}: {num_classes} classes, but {spec.builder.name} has '
-                        f'{spec.num_classes}; use a model with at least as many.')
-
-
-def check_train_split(spec: DatasetSpec) -> None:
-    """A ValueError naming the dataset's splits when its train split is missing or
-    empty (a misspelt ``config.dataset.train_split``, or an evaluation-only dataset)."""
-    if spec.num_train_examples == 0:
-        raise UserError(f'{spec.builder.name} has no examples in the train split '
-                         f'{spec.train_split!r}; it has {sorted(spec.builder.info.splits)}. '
-                         'Set config.dataset.train_split.')
 
 
 def train_dataset(spec: DatasetSpec, config, local_batch: int, start_example: int = 0,

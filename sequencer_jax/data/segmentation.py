@@ -19,11 +19,11 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sequencer_jax.data import pipeline, transforms
+from sequencer_jax.data import batches, pipeline, transforms
 from sequencer_jax.errors import UserError
 
 
-def dataset_spec(config, num_classes: int) -> pipeline.DatasetSpec:
+def dataset_spec(config, num_classes: int) -> batches.DatasetSpec:
     """Opens (and if needed prepares) ``config.dataset``, checks its image and mask keys
     and its splits; the classes are ``num_classes`` (a mask does not say how many)."""
     builder = pipeline.load_builder(config.dataset)
@@ -32,11 +32,11 @@ def dataset_spec(config, num_classes: int) -> pipeline.DatasetSpec:
     dcfg = config.dataset
     eval_split, num_eval = pipeline.eval_split_of(builder, dcfg)
     num_train = pipeline.num_examples(builder.info.splits, dcfg.train_split) or 0
-    return pipeline.DatasetSpec(builder, dcfg.train_split, eval_split, num_classes, num_train,
+    return batches.DatasetSpec(builder, dcfg.train_split, eval_split, num_classes, num_train,
                                 num_eval, dcfg.image_key, dcfg.label_key)
 
 
-def decode(example, spec: pipeline.DatasetSpec, seg, check: bool = True
+def decode(example, spec: batches.DatasetSpec, seg, check: bool = True
            ) -> tuple[tf.Tensor, tf.Tensor]:
     """An example -> (float32 RGB image ``[h, w, 3]`` in [0, 255], int32 mask ``[h, w]``),
     the mask's labels mapped (``reduce_zero_label``). With ``check``, an example whose mask
@@ -77,7 +77,7 @@ def _label_message(spec, seg) -> str:
             'config.model.num_classes or set config.segmentation.reduce_zero_label.')
 
 
-def mask_problem(image: tf.Tensor, mask: tf.Tensor, spec: pipeline.DatasetSpec, seg
+def mask_problem(image: tf.Tensor, mask: tf.Tensor, spec: batches.DatasetSpec, seg
                  ) -> str | None:
     """What is wrong with a decoded (eager) example, or None."""
     if tuple(mask.shape) != tuple(image.shape[:2]):
@@ -168,7 +168,7 @@ def _padded(x: tf.Tensor, size, value, key: str = 'eval_canvas') -> tf.Tensor:
     return tf.ensure_shape(tf.pad(x, paddings, constant_values=value), [*size, *x.shape[2:]])
 
 
-def train_preprocess(spec: pipeline.DatasetSpec, config):
+def train_preprocess(spec: batches.DatasetSpec, config):
     """``(example, seed) -> {'image' [S, S, 3], 'label' [S, S]}`` for
     ``pipeline.train_dataset``, S = ``config.image_size``."""
     seg, crop = config.segmentation, config.image_size
@@ -207,7 +207,7 @@ def label_canvas(config) -> tuple[int, int]:
         else eval_canvas(config)
 
 
-def eval_dataset(spec: pipeline.DatasetSpec, config, local_batch: int, split: str | None = None,
+def eval_dataset(spec: batches.DatasetSpec, config, local_batch: int, split: str | None = None,
                  process_index: int | None = None, process_count: int | None = None):
     """This process's padded eval batches and their count: ``image [H, W, 3]`` (rescaled
     to ``eval_scale`` if set) with ``size [2]``, its rows and columns on the canvas; the
@@ -235,7 +235,7 @@ def eval_dataset(spec: pipeline.DatasetSpec, config, local_batch: int, split: st
                                         process_index, process_count)
 
 
-def check_first_example(spec: pipeline.DatasetSpec, config) -> None:
+def check_first_example(spec: batches.DatasetSpec, config) -> None:
     """Reads the first train example, so that a mask of the wrong size or with labels past
     the classes stops the run before any work, not at its first bad batch."""
     for example in pipeline.read(spec, spec.train_split).take(1):

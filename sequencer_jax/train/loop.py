@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from sequencer_jax import config_defaults, storage, weights, xla_options
-from sequencer_jax.data import pipeline
+from sequencer_jax.data import batches as batches_lib
 from sequencer_jax.errors import UserError
 from sequencer_jax.models import layout
 from sequencer_jax.train import checkpoint, lease as lease_lib, mesh as mesh_lib
@@ -67,7 +67,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
     total_steps = config.num_train_steps or int(config.num_epochs * steps_per_epoch)
     schedule = state_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = state_lib.make_optimizer(config, schedule)
-    local_batch = pipeline.local_batch_size(config.batch_size)
+    local_batch = batches_lib.local_batch_size(config.batch_size)
     image_shape = (1, config.image_size, config.image_size, 3)
 
     def init_state(rng, net=model):
@@ -133,10 +133,9 @@ def train_and_evaluate(config, workdir: str, devices=None,
 
         def evaluate(state) -> dict[str, float]:
             def batches():
-                local_eval_batch = pipeline.local_batch_size(
+                local_eval_batch = batches_lib.local_batch_size(
                     config.eval_batch_size or config.batch_size)
-                ds, n = task.eval_dataset(spec, local_eval_batch)
-                batches = pipeline.GlobalBatches(ds, batch_sharding, f'{spec.builder.name} eval')
+                batches, n = task.eval_batches(spec, local_eval_batch, batch_sharding)
                 return _reporting_progress(batches, lease), n
 
             def metrics(params):
@@ -147,9 +146,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
                 results |= {f'eval_ema/{k}': v for k, v in metrics(state.ema_params)}
             return results
 
-        train_batches = pipeline.GlobalBatches(
-            task.train_dataset(spec, local_batch, examples_read),
-            batch_sharding, f'{spec.builder.name} train', skippable=True)
+        train_batches = task.train_batches(spec, local_batch, examples_read, batch_sharding)
         writer = MetricWriter(workdir, start_step)
         stack.callback(writer.close)
         progress = Progress(config.progress, start_step, total_steps)
@@ -161,7 +158,7 @@ def train_and_evaluate(config, workdir: str, devices=None,
         stack.callback(profiler.close)
         if jax.process_index() == 0:
             print(f'Training {task.describe()} ({model.num_classes} classes) on '
-                  f'{spec.builder.name} for {total_steps} steps of {config.batch_size} images, '
+                  f'{spec.name} for {total_steps} steps of {config.batch_size} images, '
                   f'mesh {dict(mesh.shape)}, workdir {workdir}', flush=True)
         if start_step >= total_steps:
             return _evaluate_finished_run(config, workdir, start_step, total_steps,

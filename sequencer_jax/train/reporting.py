@@ -12,8 +12,9 @@ import time
 from typing import Callable, Iterator
 
 import jax
-import tensorflow as tf
 from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'  # also holds profiler traces
@@ -40,7 +41,7 @@ class MetricWriter:
             self._jsonl_path = str(metrics_file)
             self._jsonl = metrics_file.open('a')
             self._tb_dir = str(workdir / TENSORBOARD_DIR)
-            self._tb = tf.summary.create_file_writer(self._tb_dir)
+            self._tb: EventFileWriter | None = None  # opened at the first write
             self._failing: set[str] = set()  # where the last write failed
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -53,10 +54,20 @@ class MetricWriter:
             self._jsonl.flush()
 
         def events():
-            with self._tb.as_default(step=step):
-                for key, value in metrics.items():
-                    tf.summary.scalar(key, value)
-            self._tb.flush()
+            # TensorBoard's own writer: no TensorFlow needed (through it, gs:// when
+            # TensorFlow is installed). Its thread dies with a failed write, so a failure
+            # drops it and the next write starts a new events file.
+            if self._tb is None:
+                self._tb = EventFileWriter(self._tb_dir)
+            values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                      for k, v in metrics.items()]
+            try:
+                self._tb.add_event(event_pb2.Event(step=step, wall_time=time.time(),
+                                                   summary=summary_pb2.Summary(value=values)))
+                self._tb.flush()
+            except BaseException:
+                self._tb = None
+                raise
 
         self._attempt(jsonl, f'the metrics of step {step}', self._jsonl_path)
         self._attempt(events, f'the TensorBoard events of step {step}', self._tb_dir)
@@ -64,14 +75,15 @@ class MetricWriter:
     def close(self) -> None:
         if self._active:
             self._attempt(self._jsonl.close, 'the last metrics', self._jsonl_path)
-            self._attempt(self._tb.close, 'the last TensorBoard events', self._tb_dir)
+            if self._tb is not None:
+                self._attempt(self._tb.close, 'the last TensorBoard events', self._tb_dir)
 
     def _attempt(self, write: Callable[[], None], what: str, where: str) -> None:
         """Runs ``write``; reports its failure, once while writes to ``where`` go on
         failing (a full disk fails every log step)."""
         try:
             write()
-        except (OSError, tf.errors.OpError) as e:  # local files; gs:// (tf.io.gfile), TF ops
+        except _write_errors() as e:
             if where not in self._failing:
                 self._failing.add(where)
                 cause = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -81,6 +93,13 @@ class MetricWriter:
                       'to write there are not reported until one succeeds.', flush=True)
             return
         self._failing.discard(where)
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    """What a failed write raises: OSError for local files, and TensorFlow's OpError where
+    TensorFlow is in use (its gfile serves gs:// to TensorBoard's writer)."""
+    tf = sys.modules.get('tensorflow')
+    return (OSError, tf.errors.OpError) if tf is not None else (OSError,)
 
 
 def _logged_step(line: str) -> float:

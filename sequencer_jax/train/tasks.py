@@ -5,7 +5,8 @@ metrics and preemption know nothing of images' labels. A task supplies the rest:
 
 - ``dataset()``: the prepared dataset's ``DatasetSpec``, checked before any work;
 - ``model(spec)`` and ``initial_params(model, fresh)`` (fine-tuning from ``init_from``);
-- ``train_dataset`` / ``eval_dataset``: tf.data streams of local batches;
+- ``train_batches`` / ``eval_batches``: iterators of global batches (``jax.Array``s
+  placed by the batch sharding), the eval split padded and masked;
 - ``train_step``: ``steps.train_step`` with the task's loss (and on-device batch
   transform) bound, to jit;
 - ``eval_step`` (one batch's sums) and ``summarise`` (a split's totals -> metrics);
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sequencer_jax import config_defaults, weights
-from sequencer_jax.data import pipeline, segmentation as seg_data
+from sequencer_jax.data import batches
 from sequencer_jax.errors import UserError
 from sequencer_jax.models import layout, segmentation as seg_models
 from sequencer_jax.train import segmentation_metrics, steps
@@ -37,26 +38,26 @@ class Classification:
     def __init__(self, config):
         self.config = config
 
-    def dataset(self) -> pipeline.DatasetSpec:
-        spec = pipeline.dataset_spec(self.config.dataset)
-        pipeline.check_train_split(spec)
-        pipeline.check_num_classes(self.num_classes(spec), spec, 'config.model.num_classes')
+    def dataset(self) -> batches.DatasetSpec:
+        spec = batches.open_dataset(self.config.dataset)
+        batches.check_train_split(spec)
+        batches.check_num_classes(self.num_classes(spec), spec, 'config.model.num_classes')
         return spec
 
-    def num_classes(self, spec: pipeline.DatasetSpec) -> int:
+    def num_classes(self, spec: batches.DatasetSpec) -> int:
         return self.config.model.num_classes or spec.num_classes
 
-    def model(self, spec: pipeline.DatasetSpec):
+    def model(self, spec: batches.DatasetSpec):
         return config_defaults.model_from_config(self.config, self.num_classes(spec))
 
     def initial_params(self, model, fresh: Any) -> tuple[Any, str]:
         return weights.initial_params(self.config, model, fresh)
 
-    def train_dataset(self, spec, local_batch: int, start_example: int):
-        return pipeline.train_dataset(spec, self.config, local_batch, start_example)
+    def train_batches(self, spec, local_batch: int, start_example: int, sharding):
+        return batches.train_batches(spec, self.config, local_batch, start_example, sharding)
 
-    def eval_dataset(self, spec, local_batch: int):
-        return pipeline.eval_dataset(spec, self.config, local_batch)
+    def eval_batches(self, spec, local_batch: int, sharding):
+        return batches.eval_batches(spec, self.config, local_batch, sharding)
 
     def train_step(self, model, tx, ema_decay: float | None, accum_steps: int):
         augment = self.config.augment
@@ -93,13 +94,14 @@ class Segmentation:
         self.config = config
         self.seg = config.segmentation
 
-    def dataset(self) -> pipeline.DatasetSpec:
+    def dataset(self) -> batches.DatasetSpec:
+        from sequencer_jax.data import segmentation as seg_data  # TensorFlow
         spec = seg_data.dataset_spec(self.config, self.config.model.num_classes)
-        pipeline.check_train_split(spec)
+        batches.check_train_split(spec)
         seg_data.check_first_example(spec, self.config)
         return spec
 
-    def model(self, spec: pipeline.DatasetSpec) -> seg_models.SequencerUperNet:
+    def model(self, spec: batches.DatasetSpec) -> seg_models.SequencerUperNet:
         backbone = config_defaults.model_from_config(self.config, 0)
         return seg_models.SequencerUperNet(backbone, spec.num_classes, self.seg.channels,
                                            self.seg.aux_channels, backbone.dtype)
@@ -131,6 +133,7 @@ class Segmentation:
             if ema_params is None:
                 raise UserError(f'{checkpoint_dir} has no EMA weights; drop --ema.')
             params = ema_params
+        from sequencer_jax.data import segmentation as seg_data  # TensorFlow
         spec = seg_data.dataset_spec(self.config, self.config.model.num_classes)
         model = self.model(spec)
         if 'backbone' in params:
@@ -142,11 +145,20 @@ class Segmentation:
                                  f'The checkpoint {checkpoint_dir}')
         return model, params, spec
 
-    def train_dataset(self, spec, local_batch: int, start_example: int):
-        return pipeline.train_dataset(spec, self.config, local_batch, start_example,
-                                      preprocess=seg_data.train_preprocess(spec, self.config))
+    def train_batches(self, spec, local_batch: int, start_example: int, sharding):
+        from sequencer_jax.data import pipeline, segmentation as seg_data  # TensorFlow
+        ds = pipeline.train_dataset(spec, self.config, local_batch, start_example,
+                                    preprocess=seg_data.train_preprocess(spec, self.config))
+        return pipeline.GlobalBatches(ds, sharding, f'{spec.name} train', skippable=True)
+
+    def eval_batches(self, spec, local_batch: int, sharding):
+        from sequencer_jax.data import pipeline
+        ds, count = self.eval_dataset(spec, local_batch)
+        return pipeline.GlobalBatches(ds, sharding, f'{spec.name} eval'), count
 
     def eval_dataset(self, spec, local_batch: int, split: str | None = None):
+        """The eval split (or ``split``) as a tf.data stream of padded local batches."""
+        from sequencer_jax.data import segmentation as seg_data  # TensorFlow
         return seg_data.eval_dataset(spec, self.config, local_batch, split)
 
     def train_step(self, model, tx, ema_decay: float | None, accum_steps: int):
