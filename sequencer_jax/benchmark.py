@@ -242,9 +242,11 @@ def _abstract_inputs(model, batch_size: int, image_size: int, device: jax.Device
 
 def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: int,
                   iters: int, train: bool = True, timed: bool = True,
-                  device: jax.Device | None = None, accum_steps: int = 1) -> dict[str, Any]:
-    """Compile time, images/s and memory of our forward and train step (its gradient
-    summed over ``accum_steps`` micro-batches, see ``steps.train_step``).
+                  device: jax.Device | None = None, accum_steps: int = 1,
+                  forward: bool = True) -> dict[str, Any]:
+    """Compile time, images/s and memory of our forward (unless not ``forward``: its
+    FLOPs only) and train step (its gradient summed over ``accum_steps`` micro-batches,
+    see ``steps.train_step``).
 
     With ``timed=False`` only compiles: compile times and XLA's memory estimate, e.g.
     to check that a large configuration fits a device's memory before renting one. With
@@ -262,14 +264,16 @@ def benchmark_jax(model, batch_size: int, image_size: int, warmup: int, reps: in
     results: dict[str, Any] = {}
 
     options = xla_options.compiler_options(device.platform if device else None)
-    forward = jax.jit(_applied(model), compiler_options=options)
-    start = time.perf_counter()
-    compiled = forward.lower(params, images).compile()
-    results['forward_compile_s'] = time.perf_counter() - start
-    results['forward'] = _summary(_time_calls(
-        lambda: compiled(params, images).block_until_ready(), warmup, reps, iters),
-        batch_size) if timed else {}
-    results['forward']['memory'] = _memory(compiled, timed)
+    results['forward'] = {}
+    if forward:
+        start = time.perf_counter()
+        compiled = jax.jit(_applied(model), compiler_options=options).lower(
+            params, images).compile()
+        results['forward_compile_s'] = time.perf_counter() - start
+        results['forward'] = _summary(_time_calls(
+            lambda: compiled(params, images).block_until_ready(), warmup, reps, iters),
+            batch_size) if timed else {}
+        results['forward']['memory'] = _memory(compiled, timed)
     # Model FLOPs, the usual convention for utilisation: a train step counts three
     # forwards (forward + backward), rematerialised work not included. Counted on the
     # reference recurrence: a fused kernel's matmuls run once per grid program, unseen.
@@ -318,8 +322,10 @@ def _torch_device():
 
 def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int, dtype: str,
                    warmup: int, reps: int, iters: int, train: bool = True,
-                   arch_args: dict | None = None) -> dict[str, Any]:
-    """The same figures for timm's PyTorch model (eager; cuDNN LSTM and AMP on GPU)."""
+                   arch_args: dict | None = None, channels_last: bool = False
+                   ) -> dict[str, Any]:
+    """The same figures for timm's PyTorch model (eager; cuDNN LSTM and AMP on GPU), its
+    weights and images in ``channels_last`` memory format when asked."""
     import timm
     import torch
 
@@ -328,9 +334,13 @@ def benchmark_timm(name: str, num_classes: int, batch_size: int, image_size: int
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randn(batch_size, 3, image_size, image_size)
                               .astype(np.float32)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.from_numpy(rng.randint(0, num_classes, batch_size)).to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
-    results: dict[str, Any] = {'device': device, 'threads': torch.get_num_threads()}
+    results: dict[str, Any] = {'device': device, 'threads': torch.get_num_threads(),
+                               'channels_last': channels_last}
 
     def forward():
         with torch.no_grad(), autocast:

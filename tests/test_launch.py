@@ -10,7 +10,8 @@ import time
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / 'launch'
-SCRIPTS = ['common.sh', 'device_benchmark.sh', 'gpu_host.sh', 'slurm.sbatch', 'tpu_pod.sh']
+SCRIPTS = ['common.sh', 'device_benchmark.sh', 'device_wheels.sh', 'gpu_host.sh', 'slurm.sbatch',
+           'tpu_pod.sh']
 
 
 def _shellcheck():
@@ -83,23 +84,20 @@ def test_tpu_pod_dry_run_creates_installs_and_trains():
     assert 'batch_size=4096' in lines[2]
 
 
-def test_device_benchmark_dry_run_checks_parity_then_benchmarks_every_row():
-    env = {'OUT': '/r', 'MODELS': 'sequencer2d_s sequencer2d_l', 'DTYPES': 'bfloat16',
-           'PEAK_TFLOPS_BFLOAT16': '989'}
+def test_device_benchmark_dry_run_installs_the_carried_wheels_then_drives_the_phases(
+        tmp_path):
+    (tmp_path / 'ml_collections-1.1.0-py3-none-any.whl').touch()
+    env = {'OUT': '/r', 'BUDGET_S': '300', 'WHEELS': str(tmp_path), 'SITE': '/s'}
     result = _dry_run('device_benchmark.sh', env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == '+ mkdir -p /r'
-    assert 'JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest' in lines[1]
-    assert 'tests/test_pallas_recurrence.py' in lines[1]
-    runs = [line for line in lines[2:] if 'sequencer_jax.benchmark' in line]
-    assert len(runs) == 2 * 2 + 1  # 2 models x 2 recurrences, and the memory check
-    assert all('--dtype=bfloat16' in r and '--peak_tflops=989' in r for r in runs[:4])
-    assert ['--compare_timm' in r for r in runs[:4]] == [True, False, True, False]
-    assert '--output_json=/r/sequencer2d_s_bfloat16_pallas.json' in runs[1]
-    assert 'remat' in runs[4] and '--model=sequencer2d_l --batch_size=64' in runs[4]
-    tpu_runs = _dry_run('device_benchmark.sh', env | {'TIMM': '0'}).stdout
-    assert tpu_runs.count('sequencer_jax.benchmark') == 5 and '--compare_timm' not in tpu_runs
+    assert lines[0].startswith('+ python3 -m pip install -q --no-index --no-deps')
+    assert lines[0].endswith(f'--target /s {tmp_path}/ml_collections-1.1.0-py3-none-any.whl')
+    assert lines[1] == ('+ python3 -m sequencer_jax.device_benchmark --out=/r --budget_s=300 '
+                        '--smoke=false')
+    smoke = _dry_run('device_benchmark.sh', {'OUT': '/r', 'SMOKE': '1', 'WHEELS': '/none'})
+    assert smoke.stdout.splitlines() == [
+        '+ python3 -m sequencer_jax.device_benchmark --out=/r --budget_s=450 --smoke=true']
     missing = _dry_run('device_benchmark.sh', {})
     assert missing.returncode == 2 and 'set OUT' in missing.stderr
 
