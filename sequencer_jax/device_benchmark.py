@@ -218,6 +218,9 @@ def phase_train(record: PhaseRecord, sizes: Sizes, out: pathlib.Path) -> None:
 
 
 def phase_timm(record: PhaseRecord, sizes: Sizes, out: pathlib.Path) -> None:
+    # JAX, asked which backend runs (benchmark._torch_device), would otherwise take 75% of
+    # the GPU's memory from torch.
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
     from sequencer_jax import benchmark
 
     gpu = _torch_gpu()
