@@ -10,7 +10,7 @@ __version__ = '0.1.0'
 
 __all__ = ['BiRNN1D', 'BiRNN2D', 'Sequencer', 'Sequencer1D', 'Sequencer2D', 'SequencerBlock',
            'SequencerUperNet', 'convert', 'create_model', 'list_models', 'load_pretrained',
-           'xla_options']
+           'preprocess', 'xla_options']
 
 
 def __getattr__(name: str):
@@ -20,4 +20,6 @@ def __getattr__(name: str):
         return importlib.import_module('sequencer_jax.convert')
     if name == 'load_pretrained':
         return importlib.import_module('sequencer_jax.weights').load_pretrained
+    if name == 'preprocess':  # PIL, on first use
+        return importlib.import_module('sequencer_jax.images').preprocess
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

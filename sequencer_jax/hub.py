@@ -30,10 +30,11 @@ CONFIG_FILE = 'config.json'
 PUBLISHED = {name: f'timm/{name}.in1k'
              for name in ('sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l')}
 # timm's pretrained_cfg keys that say how to feed the weights, and their values for
-# timm's Sequencer weights (ImageNet mean and std, bicubic, crop_pct 0.875, 224 px).
+# timm's Sequencer weights (ImageNet mean and std, bicubic, crop_pct 0.875, the centre
+# crop, 224 px).
 PREPROCESSING_DEFAULTS = {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
                           'interpolation': 'bicubic', 'crop_pct': 0.875,
-                          'input_size': (3, 224, 224)}
+                          'crop_mode': 'center', 'input_size': (3, 224, 224)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,8 @@ def architecture(fetched: Fetched) -> tuple[str, int, dict[str, Any]]:
 
 def preprocessing(fetched: Fetched) -> dict[str, Any]:
     """How the weights want their images (timm's ``pretrained_cfg``): ``mean``, ``std``
-    (of [0, 1] images), ``interpolation``, ``crop_pct``, ``input_size`` (C, H, W)."""
+    (of [0, 1] images), ``interpolation``, ``crop_pct``, ``crop_mode``, ``input_size``
+    (C, H, W)."""
     cfg = fetched.config.get('pretrained_cfg') or fetched.config  # older, flat configs
     return {key: tuple(cfg[key]) if isinstance(cfg.get(key), list) else cfg.get(key, default)
             for key, default in PREPROCESSING_DEFAULTS.items()}

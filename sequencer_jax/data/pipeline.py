@@ -200,7 +200,7 @@ def num_examples(splits, split: str | None) -> int | None:
 
 
 def _decode(example, spec: DatasetSpec):
-    image = tf.io.decode_image(example[spec.image_key], channels=0, expand_animations=False)
+    image = transforms.decode(example[spec.image_key])
     label = example[spec.label_key]
     if spec.multi_label:  # a list of classes -> multi-hot [K]
         label = tf.reduce_max(tf.one_hot(label, spec.num_classes), axis=0)
@@ -280,8 +280,9 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
     """This process's padded classification eval batches and how many there are (see
     ``padded_eval_batches``): ``image``, ``label`` and ``mask``.
 
-    ``preprocessing``: the ``mean``, ``std`` (of [0, 1] images) and ``interpolation`` the
-    weights want (``weights.preprocessing``); None: ImageNet's and bicubic.
+    ``preprocessing``: the ``mean``, ``std`` (of [0, 1] images), ``interpolation`` and
+    ``crop_mode`` the weights want (``weights.preprocessing``); None: ImageNet's, bicubic,
+    'center'.
     """
     image_size = image_size or config.eval_image_size or config.image_size
     crop_pct = config.crop_pct if crop_pct is None else crop_pct
@@ -289,7 +290,8 @@ def eval_dataset(spec: DatasetSpec, config, local_batch: int, image_size: int | 
     if preprocessing:
         normalisation = dict(mean=tuple(255 * m for m in preprocessing['mean']),
                              std=tuple(255 * s for s in preprocessing['std']),
-                             interpolation=preprocessing['interpolation'])
+                             interpolation=preprocessing['interpolation'],
+                             crop_mode=preprocessing.get('crop_mode') or 'center')
 
     def preprocess(example):
         image, label = _decode(example, spec)

@@ -42,8 +42,7 @@ def decode(example, spec: batches.DatasetSpec, seg, check: bool = True
     the mask's labels mapped (``reduce_zero_label``). With ``check``, an example whose mask
     has another size than its image, or labels past the last class, stops the input
     with a message saying which (``mask_problem``'s)."""
-    image = transforms.to_rgb(tf.io.decode_image(example[spec.image_key], channels=0,
-                                                 expand_animations=False))
+    image = transforms.to_rgb(transforms.decode(example[spec.image_key]))
     mask = example[spec.label_key]
     feature = spec.builder.info.features[spec.label_key]
     if isinstance(feature, tfds.features.Image):  # 16-bit PNGs keep their labels unscaled

@@ -1,9 +1,10 @@
 """Train and eval preprocessing in TF ops (run inside tf.data, in parallel).
 
 Train (DeiT recipe, each step a switch of ``config.augment``): inception-style random
-resized crop, horizontal flip, RandAugment, normalisation, random erasing. Eval: resize
-the shorter side to ``size / crop_pct`` (bicubic), centre crop, normalise. Randomness is
-stateless, from a per-example ``[2]`` int32 seed, so a pipeline is reproducible.
+resized crop, horizontal flip, RandAugment, normalisation, random erasing. Eval: timm's
+eval transform (``eval_transform``; the same rules as ``sequencer_jax.images``, in TF
+ops). Randomness is stateless, from a per-example ``[2]`` int32 seed, so a pipeline is
+reproducible.
 """
 
 from __future__ import annotations
@@ -12,10 +13,21 @@ import math
 
 import tensorflow as tf
 
+from sequencer_jax import images
 from sequencer_jax.data import randaugment
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """Image file bytes -> uint8 [H, W, C]. JPEGs with the accurate integer IDCT, as PIL
+    (and so timm) decodes them: TensorFlow's default differs by a level of 255 on
+    average (measured on scikit-learn's sample photos saved at quality 90)."""
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, dct_method='INTEGER_ACCURATE'),
+        lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False))
 
 
 def to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -33,13 +45,14 @@ def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tens
 def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
     """Inception crop: area fraction in ``scale``, aspect ratio in ``ratio`` (log-uniform),
-    resized bicubic to ``size``; falls back to the whole image after 10 tries."""
+    resized bicubic to ``size``, antialiased where it shrinks as timm's PIL crop is; falls
+    back to the whole image after 10 tries."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
         max_attempts=10, use_image_if_no_bounding_boxes=True)
     crop = tf.slice(image, begin, crop_size)
-    return tf.image.resize(crop, [size, size], method='bicubic')
+    return _resize(crop, tf.constant(size), tf.constant(size), 'bicubic')
 
 
 def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25,
@@ -93,19 +106,66 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, size: int, augment) -> tf
 
 
 def eval_transform(image: tf.Tensor, size: int, crop_pct: float = 0.875,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   interpolation: str = 'bicubic') -> tf.Tensor:
-    """uint8 [H, W, C] -> normalised float32 [size, size, 3]: shorter side to
-    ``size / crop_pct`` (``interpolation``: 'bicubic', 'bilinear' or 'nearest'), then the
-    central ``size x size`` crop, normalised by ``mean`` and ``std`` (of [0, 255])."""
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = 'bicubic',
+                   crop_mode: str = 'center') -> tf.Tensor:
+    """uint8 [H, W, C] -> normalised float32 [size, size, 3], as timm's eval transform:
+    resized by ``crop_mode``'s rule (``images.resized_size``: 'center' takes the
+    shorter side to ``floor(size / crop_pct)``), antialiased when it shrinks as PIL is
+    (``interpolation``: 'bicubic', 'bilinear' or 'nearest'), rounded to 8 bits, padded
+    where short ('border': with the mean's colour), the central ``size x size`` crop at
+    torchvision's offsets, normalised by ``mean`` and ``std`` (of [0, 255])."""
     image = to_rgb(image)
-    h = tf.cast(tf.shape(image)[0], tf.float32)
-    w = tf.cast(tf.shape(image)[1], tf.float32)
-    scale = math.floor(size / crop_pct) / tf.minimum(h, w)
-    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
-    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
-    image = tf.image.resize(image, [new_h, new_w], method=interpolation)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    image = image[top:top + size, left:left + size]
+    height, width = _resized_size(tf.shape(image)[0], tf.shape(image)[1], size, crop_pct,
+                                  crop_mode)
+    image = _resize(image, height, width, interpolation)
     image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+    fill = [round(m) for m in mean] if crop_mode == 'border' else [0, 0, 0]
+    image = tf.stack([_pad_to(_pad_to(image[..., c], size, 0, f), size, 1, f)
+                      for c, f in enumerate(fill)], axis=-1)
+    top, left = (_crop_offset(tf.shape(image)[axis], size) for axis in (0, 1))
+    image = image[top:top + size, left:left + size]
     return tf.ensure_shape(normalize(image, mean, std), [size, size, 3])
+
+
+def _resize(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
+             interpolation: str) -> tf.Tensor:
+    """``image`` resized to (height, width), antialiased where it shrinks, as PIL is.
+    Enlarging takes TensorFlow's plain kernel: the same filter there, at a third of the
+    cost of the antialiasing one."""
+    size = tf.stack([height, width])
+    if interpolation == 'nearest':
+        return tf.image.resize(image, size, method=interpolation)
+    shrinks = tf.reduce_any(size < tf.shape(image)[:2])
+    return tf.cond(shrinks,
+                   lambda: tf.image.resize(image, size, method=interpolation, antialias=True),
+                   lambda: tf.image.resize(image, size, method=interpolation))
+
+
+def _resized_size(height: tf.Tensor, width: tf.Tensor, size: int, crop_pct: float,
+                  crop_mode: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """``images.resized_size`` in TF ops, in float64 as Python computes it."""
+    scale = images.scale_size(size, crop_pct)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    if crop_mode == 'squash':
+        return tf.constant(scale), tf.constant(scale)
+    if crop_mode == 'border':
+        ratio = tf.maximum(h / scale, w / scale)
+        return (tf.cast(tf.round(h / ratio), tf.int32),  # halves to even, as Python's round
+                tf.cast(tf.round(w / ratio), tf.int32))
+    longer = lambda short, long: tf.cast(tf.floor(scale * long / short), tf.int32)  # noqa: E731
+    return (tf.where(height <= width, scale, longer(w, h)),
+            tf.where(height <= width, longer(h, w), scale))
+
+
+def _pad_to(channel: tf.Tensor, size: int, axis: int, fill: float) -> tf.Tensor:
+    """``channel`` [H, W] padded on ``axis`` to ``size`` as ``images.padding`` says."""
+    short = tf.maximum(size - tf.shape(channel)[axis], 0)
+    before = short // 2
+    pads = [[0, 0], [0, 0]]
+    pads[axis] = [before, short - before]
+    return tf.pad(channel, pads, constant_values=fill)
+
+
+def _crop_offset(length: tf.Tensor, size: int) -> tf.Tensor:
+    """``images.crop_offset``: (length - size) / 2, halves rounded to even."""
+    return tf.cast(tf.round(tf.cast(length - size, tf.float64) / 2), tf.int32)
