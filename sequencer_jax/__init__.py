@@ -9,8 +9,8 @@ from sequencer_jax.models import (BiRNN1D, BiRNN2D, Sequencer, Sequencer1D, Sequ
 __version__ = '0.1.0'
 
 __all__ = ['BiRNN1D', 'BiRNN2D', 'Sequencer', 'Sequencer1D', 'Sequencer2D', 'SequencerBlock',
-           'SequencerUperNet', 'convert', 'create_model', 'list_models', 'load_pretrained',
-           'preprocess', 'xla_options']
+           'SequencerUperNet', 'convert', 'create_model', 'list_models', 'load',
+           'load_pretrained', 'preprocess', 'xla_options']
 
 
 def __getattr__(name: str):
@@ -18,8 +18,8 @@ def __getattr__(name: str):
     # client, which a user of the modules alone does not need.
     if name == 'convert':
         return importlib.import_module('sequencer_jax.convert')
-    if name == 'load_pretrained':
-        return importlib.import_module('sequencer_jax.weights').load_pretrained
+    if name in ('load', 'load_pretrained'):
+        return getattr(importlib.import_module('sequencer_jax.weights'), name)
     if name == 'preprocess':  # PIL, on first use
         return importlib.import_module('sequencer_jax.images').preprocess
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

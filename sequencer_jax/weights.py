@@ -102,9 +102,10 @@ def preprocessing(source: str | epath.Path) -> dict[str, Any] | None:
 
 
 class Pretrained(NamedTuple):
-    """What ``load_pretrained`` returns: the model, its variables, and how to preprocess
-    its images (timm's ``pretrained_cfg``: ``mean``, ``std``, ``interpolation``,
-    ``crop_pct``, ``input_size``)."""
+    """What ``load`` and ``load_pretrained`` return: the model, its variables (``{'params':
+    ...}``, for ``model.apply``), and how to preprocess its images (timm's
+    ``pretrained_cfg``: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``,
+    ``input_size``; ``sj.preprocess`` takes it)."""
 
     model: Any
     variables: dict[str, Any]
@@ -117,9 +118,33 @@ def load_pretrained(name: str, revision: str | None = None) -> Pretrained:
     (``hub.PUBLISHED``: timm's ImageNet-1K weights) or a Hub repository
     (``timm/sequencer2d_s.in1k``); ``revision`` pins a branch, tag or commit. The weights
     are fetched through huggingface_hub on first use and converted once."""
-    directory = hub_converted_dir(hub.source_for(name, revision))
-    model, variables = load_converted(directory)
-    return Pretrained(model, variables, preprocessing(directory))
+    return load(hub.source_for(name, revision))
+
+
+def load(source: str | epath.Path, config=None, ema: bool = False) -> Pretrained:
+    """Any weights source as ``model, variables, preprocessing`` (``Pretrained``), to use
+    in one's own code: a training workdir (its latest checkpoint, with the model of the
+    config its run saved, or of ``config``; ``ema``: its EMA weights), a converted
+    directory, a Hub source (``hf-hub:timm/sequencer2d_s.in1k``) or a state_dict file
+    (its model from ``config``, an ml_collections config such as ``configs/imagenet.py``'s).
+    The preprocessing is the weights' own where they name it, else the config's eval
+    transform (ImageNet's mean and std, bicubic, ``config.crop_pct``)."""
+    source = checked_source(source)  # a Hub source: fetched and converted once
+    params, ema_params, model = load_params(source)
+    if ema:
+        if ema_params is None:
+            raise UserError(f'{source} has no EMA weights (a training run keeps them when '
+                            'config.ema_decay is set); drop ema=True.')
+        params = ema_params
+    config = config if model is not None or config is not None else \
+        config_defaults.saved_config(source)
+    model, params = _with_model(source, params, model, config)
+    wanted = preprocessing(source)
+    if wanted is None:
+        size = config.eval_image_size or config.image_size
+        wanted = dict(hub.PREPROCESSING_DEFAULTS, crop_pct=config.crop_pct,
+                      input_size=(3, size, size))
+    return Pretrained(model, {'params': params}, wanted)
 
 
 def hub_converted_dir(source: str) -> epath.Path:
@@ -207,18 +232,27 @@ def load_model(source: str | epath.Path, image_size: int, config=None) -> tuple[
     training workdir's is the model of ``config``, else of the config its run saved
     (``config.json``); a state_dict file's, of ``config``."""
     params, _, model = load_params(source)
-    if model is None:
-        if config is None:
-            config = config_defaults.saved_config(source)
-        if config is None:
-            raise UserError(f'{source} names no model (no {MODEL_INFO_FILE} or '
-                            f'{config_defaults.SAVED_CONFIG_FILE} in it); give --config with '
-                            'that model, e.g. --config=configs/imagenet.py for sequencer2d_s.')
-        head = params.get('head')
-        model = config_defaults.model_from_config(
-            config, head['kernel'].shape[-1] if head else 0)
-        params = fitted(params, model, image_size, source, config)
-    return model, params
+    if model is None and config is None:
+        config = config_defaults.saved_config(source)
+    return _with_model(source, params, model, config, image_size)
+
+
+def _with_model(source: str | epath.Path, params: Any, model, config,
+                image_size: int | None = None) -> tuple[Any, Any]:
+    """(model, params): ``model`` when the source named it, else the model of ``config``
+    (a UserError without one), ``params`` checked to fit it at ``image_size`` (default:
+    the config's eval size) and in its block layout."""
+    if model is not None:
+        return model, params
+    if config is None:
+        raise UserError(f'{source} names no model (no {MODEL_INFO_FILE} or '
+                        f'{config_defaults.SAVED_CONFIG_FILE} in it); give the config of '
+                        'that model, e.g. --config=configs/imagenet.py for sequencer2d_s '
+                        '(config= to sj.load).')
+    head = params.get('head')
+    model = config_defaults.model_from_config(config, head['kernel'].shape[-1] if head else 0)
+    size = image_size or config.eval_image_size or config.image_size
+    return model, fitted(params, model, size, source, config)
 
 
 def check_params_fit(loaded: Any, expected: Any, source: str | epath.Path, config,

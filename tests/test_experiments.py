@@ -430,7 +430,8 @@ def test_linear_probe_reads_a_training_workdir_and_a_state_dict_file(trained, da
     assert probe(f'--checkpoint={exported}', f'--config=configs/workdir.py:dir={trained}') \
         == results
     with pytest.raises(UserError, match=re.escape(
-            f'{exported} names no model (no model.json or config.json in it); give --config')):
+            f'{exported} names no model (no model.json or config.json in it); give the config '
+            'of that model, e.g. --config=')):
         probe(f'--checkpoint={exported}')
 
 
@@ -451,3 +452,25 @@ def test_robustness_suites_run_end_to_end(trained, data_dir, monkeypatch):
     assert corrupted['scores']['fog'] == pytest.approx(100 * error / 0.8)
     assert corrupted['scores']['mCE'] == pytest.approx(
         (corrupted['scores']['fog'] + corrupted['scores']['snow']) / 2)
+
+
+def test_sj_load_gives_every_source_kind_as_the_clis_read_it(trained, tmp_path):
+    images = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
+    cli_model, cli_params = weights.load_model(trained, 32)  # what evaluate and the probe use
+    expected = np.asarray(cli_model.apply({'params': cli_params}, images))
+    model, variables, preprocessing = sj.load(trained)
+    np.testing.assert_array_equal(np.asarray(model.apply(variables, images)), expected)
+    assert preprocessing == {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+                             'interpolation': 'bicubic', 'crop_pct': 1.0,
+                             'crop_mode': 'center', 'input_size': (3, 32, 32)}
+    with pytest.raises(UserError, match='has no EMA weights .* drop ema=True'):
+        sj.load(trained, ema=True)
+    exported = tmp_path / 'w.npz'
+    run_cli(convert_cli.main, '--to_timm', f'--input={trained}', f'--output={exported}')
+    model, variables, _ = sj.load(exported, config=config_defaults.saved_config(trained))
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images)), expected, atol=1e-6)
+    with pytest.raises(UserError, match='names no model .*config= to sj.load'):
+        sj.load(exported)
+    # Fine-tuning in one's own code: train=True, and no rng while every drop rate is 0.
+    zero = model.clone(drop_path_rate=0.0)
+    assert zero.apply(variables, images, train=True).shape == expected.shape

@@ -17,6 +17,7 @@ from huggingface_hub import constants as hub_constants
 from safetensors.numpy import save as safetensors_bytes
 
 import local_hub
+import sequencer_jax as sj
 from conftest import run_cli
 from sequencer_jax import evaluate, hub, weights
 from sequencer_jax.convert import __main__ as convert_cli
@@ -123,6 +124,11 @@ def test_the_cache_serves_offline_and_a_revision_pins_it(offline, hub_cache, tim
         np.testing.assert_allclose(np.asarray(model.apply(variables, images))[:, :5],
                                    timm_fixture.logits('sequencer2d_s', SIZE, SIZE), atol=1e-4)
         assert preprocessing['crop_pct'] == CROP_PCT
+    # sj.load of the Hub source is the same call; a Hub repository with its crop mode.
+    model, variables, preprocessing = sj.load(f'hf-hub:{REPO}')
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images))[:, :5],
+                               timm_fixture.logits('sequencer2d_s', SIZE, SIZE), atol=1e-4)
+    assert preprocessing['crop_mode'] == 'center'
     # Converted once, by the first load (the fixture's process), then read from the cache.
     assert hub_cache[2].count(f'Converted {REPO} ') == 1
     assert 'Converted' not in capsys.readouterr().out

@@ -339,7 +339,10 @@ class SequencerBlock(nn.Module):
                             self.unroll, self.dtype, self.param_dtype, name='rnn_tokens')
         mlp = MLP(int(self.mlp_ratio * x.shape[-1]), self.drop_rate, self.dtype,
                   self.param_dtype, name='mlp_channels')
-        rng = lambda: self.make_rng('dropout') if train else None  # noqa: E731
+        # As flax's Dropout: no rng is asked for where nothing can be dropped.
+        dropping = train and not (isinstance(drop_path_rate, (int, float))
+                                  and drop_path_rate == 0.0)
+        rng = lambda: self.make_rng('dropout') if dropping else None  # noqa: E731
         x = x + drop_path(mixer(norm('norm1')(x)), drop_path_rate, deterministic=not train,
                           rng=rng())
         return x + drop_path(mlp(norm('norm2')(x), train), drop_path_rate,
@@ -351,10 +354,12 @@ class _ScannedBlock(nn.Module):
 
     block: dict
     train: bool
+    drop_path: bool  # False: every rate is 0, passed on as such (no rng needed)
 
     @nn.compact
     def __call__(self, x: Array, drop_path_rate: Array):
-        return SequencerBlock(**self.block, name='block')(x, self.train, drop_path_rate), None
+        rate = drop_path_rate if self.drop_path else 0.0
+        return SequencerBlock(**self.block, name='block')(x, self.train, rate), None
 
 
 class Sequencer(nn.Module):
@@ -478,7 +483,7 @@ class Sequencer(nn.Module):
             scanned = nn.scan(body, variable_axes={'params': 0},
                               split_rngs={'params': True, 'dropout': True},
                               in_axes=0, length=len(rates))
-            x, _ = scanned(kwargs, train, name=f'stages_{stage}_blocks')(
+            x, _ = scanned(kwargs, train, any(rates), name=f'stages_{stage}_blocks')(
                 x, jnp.asarray(rates, jnp.float32))
             return x
         block_cls = nn.remat(SequencerBlock, static_argnums=(2,)) if self.remat \
