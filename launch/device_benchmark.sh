@@ -6,7 +6,8 @@
 #   OUT=/tmp/bench SMOKE=1 BUDGET_S=300 launch/device_benchmark.sh   # any CPU, toy sizes
 #
 # Environment: OUT (required: one JSON per phase and progress.log), BUDGET_S (default
-# 450: wall-clock seconds for every phase together; phases that do not fit are skipped),
+# 450: wall-clock seconds for every phase together, after the wheels' install and a GPU
+# check of a few seconds; phases that do not fit are skipped),
 # SMOKE=1 (toy sizes, CPU allowed), WHEELS (default .whl: packages the machine lacks,
 # written by launch/device_wheels.sh and installed into SITE, default a new temporary
 # folder, put first on PYTHONPATH), PYTHON (default python3), DRY_RUN=1 to print the

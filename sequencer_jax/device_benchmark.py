@@ -50,7 +50,8 @@ from sequencer_jax.errors import UserError
 
 _OUT = flags.DEFINE_string('out', None, 'the folder for each phase\'s JSON and progress.log')
 _BUDGET_S = flags.DEFINE_float('budget_s', 450.0, 'wall-clock seconds for every phase '
-                               'together; a phase whose estimate does not fit is skipped')
+                               'together (a GPU check of a few seconds comes first); a '
+                               'phase whose estimate does not fit is skipped')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'every phase at toy sizes, on any device (CPU '
                            'included; Pallas interpreted): a test of this script')
 _PHASE = flags.DEFINE_string('phase', None, 'run this one phase in this process (what '
@@ -275,35 +276,38 @@ def phase_trainer(record: PhaseRecord, sizes: Sizes, out: pathlib.Path) -> None:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(workdir / 'jax_cache'),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     checkpoints = workdir / 'run' / 'checkpoints'
+    log = workdir / 'first_run.log'  # a file, not a pipe: a full pipe would stall the run
     start = time.perf_counter()
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    while first.poll() is None and not any(p.name.isdigit() for p in checkpoints.glob('*')):
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    output = first.communicate()[0]
-    killed = {'seconds': time.perf_counter() - start, 'returncode': first.returncode,
-              'steps_logged': _logged_steps(workdir / 'run'), 'output_tail': output[-1500:]}
-    record.result('killed_run', killed)
+    with log.open('w') as output:
+        first = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
+        while first.poll() is None and not any(p.name.isdigit()
+                                               for p in checkpoints.glob('*')):
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    output = log.read_text(errors='replace')
+    record.result('killed_run', {
+        'seconds': time.perf_counter() - start, 'returncode': first.returncode,
+        'steps_logged': max(_logged(workdir / 'run'), default=0),
+        'output_tail': output[-1500:]})
     if first.returncode != -signal.SIGKILL:
         raise RuntimeError(f'the first run ended by itself ({first.returncode}) before its '
                            f'checkpoint at step {half}: {output.strip().splitlines()[-1:]}')
     start = time.perf_counter()
     second = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    metrics = [json.loads(line) for line in
-               (workdir / 'run' / 'metrics.jsonl').read_text().splitlines()]
-    rates = [m['train/images_per_s'] for m in metrics if 'train/images_per_s' in m]
     resumed = [line for line in second.stdout.splitlines() if line.startswith('Resuming')]
+    if second.returncode != 0 or not resumed:
+        raise RuntimeError(f'the resumed run failed ({second.returncode}): '
+                           f'{second.stdout.strip().splitlines()[-1:]}')
+    metrics = _logged(workdir / 'run')
+    rates = [m['train/images_per_s'] for m in metrics.values() if 'train/images_per_s' in m]
     record.result('resumed_run', {
         'seconds': time.perf_counter() - start, 'returncode': second.returncode,
         'resumed': resumed, 'final': second.stdout.strip().splitlines()[-1:],
         'images_per_s_median': statistics.median(rates[1:] or rates or [0.0]),
-        'losses': {m['step']: m['train/loss'] for m in metrics if 'train/loss' in m},
+        'losses': {step: m['train/loss'] for step, m in metrics.items() if 'train/loss' in m},
         'output_tail': second.stdout[-1500:]})
-    if second.returncode != 0 or not resumed:
-        raise RuntimeError(f'the resumed run failed ({second.returncode}): '
-                           f'{second.stdout.strip().splitlines()[-1:]}')
 
 
 def phase_large(record: PhaseRecord, sizes: Sizes, out: pathlib.Path) -> None:
@@ -426,12 +430,17 @@ def _torch_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _logged_steps(workdir: pathlib.Path) -> int:
+def _logged(workdir: pathlib.Path) -> dict[int, dict]:
+    """The records of a workdir's metrics.jsonl by step; a line torn by a kill is skipped."""
     path = workdir / 'metrics.jsonl'
-    if not path.exists():
-        return 0
-    return max((json.loads(line).get('step', 0) for line in path.read_text().splitlines()
-                if line.strip()), default=0)
+    records = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        records[record['step']] = record
+    return records
 
 
 # The driver.
@@ -475,7 +484,8 @@ def drive(out: pathlib.Path, budget_s: float, smoke: bool) -> list[dict]:
         record.write()
         progress(f'{name}: started (estimate {sizes.estimates[name]} s, {left:.0f} s left)')
         start = time.monotonic()
-        status, error, output = _child(name, out, smoke, left)
+        # Three times its estimate at most: a hung phase must not take the later ones' time.
+        status, error, output = _child(name, out, smoke, min(left, 3 * sizes.estimates[name]))
         record = PhaseRecord.read(record.path)
         record.data['seconds'] = round(time.monotonic() - start, 1)
         if record.data['status'] != 'ok':
@@ -500,7 +510,8 @@ def _child(name: str, out: pathlib.Path, smoke: bool, timeout: float) -> tuple[s
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output = process.communicate()[0]
-        return 'timed_out', f'stopped after {timeout:.0f} s, the budget left', output[-8000:]
+        return ('timed_out', f'stopped after {timeout:.0f} s (three times its estimate, or '
+                'what was left of the budget)', output[-8000:])
     lines = [line for line in output.strip().splitlines() if line.strip()]
     error = lines[-1] if lines else f'exit status {process.returncode}'
     return 'failed', error[:300], output[-8000:]
@@ -517,7 +528,7 @@ def summary(records: list[dict]) -> str:
             if isinstance(value, dict) and 'images_per_s' in value]
     rows += [(r['phase'], f'{key} {part}', value[part]) for r in records
              if r['phase'] == 'timm' for key, value in r['results'].items()
-             for part in ('train', 'forward')]
+             if 'error' not in value for part in ('train', 'forward')]
     if rows:
         lines.append(f'\n{"phase":<9}{"row":<40}{"img/s":>10}{"compile s":>11}{"MFU":>7}')
         for phase, key, value in rows:

@@ -128,7 +128,8 @@ def load(source: str | epath.Path, config=None, ema: bool = False) -> Pretrained
     directory, a Hub source (``hf-hub:timm/sequencer2d_s.in1k``) or a state_dict file
     (its model from ``config``, an ml_collections config such as ``configs/imagenet.py``'s).
     The preprocessing is the weights' own where they name it, else the config's eval
-    transform (ImageNet's mean and std, bicubic, ``config.crop_pct``)."""
+    transform (ImageNet's mean and std, bicubic, ``config.crop_pct``), else timm's for
+    its Sequencer weights (``hub.PREPROCESSING_DEFAULTS``)."""
     source = checked_source(source)  # a Hub source: fetched and converted once
     params, ema_params, model = load_params(source)
     if ema:
@@ -140,7 +141,9 @@ def load(source: str | epath.Path, config=None, ema: bool = False) -> Pretrained
         config_defaults.saved_config(source)
     model, params = _with_model(source, params, model, config)
     wanted = preprocessing(source)
-    if wanted is None:
+    if wanted is None and config is None:  # converted without it: timm's Sequencer's
+        wanted = dict(hub.PREPROCESSING_DEFAULTS)
+    elif wanted is None:
         size = config.eval_image_size or config.image_size
         wanted = dict(hub.PREPROCESSING_DEFAULTS, crop_pct=config.crop_pct,
                       input_size=(3, size, size))

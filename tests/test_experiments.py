@@ -471,6 +471,13 @@ def test_sj_load_gives_every_source_kind_as_the_clis_read_it(trained, tmp_path):
     np.testing.assert_allclose(np.asarray(model.apply(variables, images)), expected, atol=1e-6)
     with pytest.raises(UserError, match='names no model .*config= to sj.load'):
         sj.load(exported)
+    converted = tmp_path / 'converted'  # written by convert, which names no preprocessing
+    run_cli(convert_cli.main, f'--input={exported}', '--model=sequencer2d_s',
+            '--num_classes=10', f'--model_args={json.dumps(TINY_MODEL)}',
+            f'--output={converted}')
+    model, variables, preprocessing = sj.load(converted)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images)), expected, atol=1e-6)
+    assert preprocessing['input_size'] == (3, 224, 224)  # timm's, for want of its own
     # Fine-tuning in one's own code: train=True, and no rng while every drop rate is 0.
     zero = model.clone(drop_path_rate=0.0)
     assert zero.apply(variables, images, train=True).shape == expected.shape
