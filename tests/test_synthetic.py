@@ -46,6 +46,8 @@ def test_batches_depend_on_the_seed_and_index_alone_and_are_placed_by_the_shardi
 def test_images_carry_their_class_and_the_eval_split_is_padded_and_masked():
     data = synthetic.Synthetic(num_classes=3, seed=0)
     split, count = data.eval_batches(16, 12, 40, _sharding(8))
+    # Each evaluation asks again: the same jitted function, compiled once.
+    assert data._maker(16, 12, _sharding(8)) is data._maker(16, 12, _sharding(8))
     split = [jax.device_get(b) for b in split]
     assert count == len(split) == 3
     assert [int(b['mask'].sum()) for b in split] == [16, 16, 8]

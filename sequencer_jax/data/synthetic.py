@@ -60,9 +60,17 @@ class Synthetic:
                 for i, n in enumerate(left)), count
 
     def _maker(self, global_batch: int, image_size: int, sharding: jax.sharding.Sharding):
-        return jax.jit(functools.partial(_batch, seed=self.seed, num_classes=self.num_classes,
-                                         shape=(global_batch, image_size, image_size, 3)),
-                       out_shardings=sharding)
+        return _jitted_batch(self.seed, self.num_classes,
+                             (global_batch, image_size, image_size, 3), sharding)
+
+
+@functools.cache
+def _jitted_batch(seed: int, num_classes: int, shape: tuple[int, int, int, int],
+                  sharding: jax.sharding.Sharding):
+    """``_batch`` jitted for these arguments, once: every evaluation asks for it again, and
+    a new ``jax.jit`` of a new partial would compile again."""
+    return jax.jit(functools.partial(_batch, seed=seed, num_classes=num_classes, shape=shape),
+                   out_shardings=sharding)
 
 
 def _batch(stream: jax.Array, index: jax.Array, real: jax.Array, *, seed: int,
