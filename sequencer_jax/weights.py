@@ -137,8 +137,8 @@ def load(source: str | epath.Path, config=None, ema: bool = False) -> Pretrained
             raise UserError(f'{source} has no EMA weights (a training run keeps them when '
                             'config.ema_decay is set); drop ema=True.')
         params = ema_params
-    config = config if model is not None or config is not None else \
-        config_defaults.saved_config(source)
+    if model is None and config is None:
+        config = config_defaults.saved_config(source)
     model, params = _with_model(source, params, model, config)
     wanted = preprocessing(source)
     if wanted is None and config is None:  # converted without it: timm's Sequencer's

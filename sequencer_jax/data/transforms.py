@@ -119,9 +119,10 @@ def eval_transform(image: tf.Tensor, size: int, crop_pct: float = 0.875,
                                   crop_mode)
     image = _resize(image, height, width, interpolation)
     image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-    fill = [round(m) for m in mean] if crop_mode == 'border' else [0, 0, 0]
-    image = tf.stack([_pad_to(_pad_to(image[..., c], size, 0, f), size, 1, f)
-                      for c, f in enumerate(fill)], axis=-1)
+    fill = tf.constant([round(m) for m in mean] if crop_mode == 'border' else [0, 0, 0],
+                       tf.float32)
+    pads = [_padding(tf.shape(image)[axis], size) for axis in (0, 1)] + [[0, 0]]
+    image = tf.pad(image - fill, pads) + fill  # pads with fill, a colour per channel
     top, left = (_crop_offset(tf.shape(image)[axis], size) for axis in (0, 1))
     image = image[top:top + size, left:left + size]
     return tf.ensure_shape(normalize(image, mean, std), [size, size, 3])
@@ -157,13 +158,10 @@ def _resized_size(height: tf.Tensor, width: tf.Tensor, size: int, crop_pct: floa
             tf.where(height <= width, longer(h, w), scale))
 
 
-def _pad_to(channel: tf.Tensor, size: int, axis: int, fill: float) -> tf.Tensor:
-    """``channel`` [H, W] padded on ``axis`` to ``size`` as ``images.padding`` says."""
-    short = tf.maximum(size - tf.shape(channel)[axis], 0)
-    before = short // 2
-    pads = [[0, 0], [0, 0]]
-    pads[axis] = [before, short - before]
-    return tf.pad(channel, pads, constant_values=fill)
+def _padding(length: tf.Tensor, size: int) -> list[tf.Tensor]:
+    """``images.padding``: [before, after] to bring ``length`` up to ``size``."""
+    short = tf.maximum(size - length, 0)
+    return [short // 2, short - short // 2]
 
 
 def _crop_offset(length: tf.Tensor, size: int) -> tf.Tensor:
